@@ -1,0 +1,1 @@
+"""One module per CLI command; see :mod:`gren.cli` for the protocol a command module follows."""

@@ -1,0 +1,1 @@
+"""Datasets in the NIH ChestX-ray14 layout: CSV readers, image I/O, splits, caches, synthetic data."""

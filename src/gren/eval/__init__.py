@@ -1,0 +1,1 @@
+"""Evaluation: running trained models over test splits, tables, figures."""

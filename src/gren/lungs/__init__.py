@@ -1,0 +1,1 @@
+"""Left/right lung segmentation (classical and U-Net) and lung regions for hashing."""

@@ -1,0 +1,1 @@
+"""The registry of localization methods (baseline, GREN and its ablations, the peers)."""

@@ -1,0 +1,19 @@
+"""Where things are: the shared real-data folder used by tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data_dir() -> Path:
+    """``$GREN_SHARED_DATA`` when set, else ``../shared/data`` beside the repository root.
+
+    The returned path may not exist (a user's machine); callers check.
+    """
+    env = os.environ.get("GREN_SHARED_DATA")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "data"
