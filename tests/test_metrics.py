@@ -20,6 +20,7 @@ from gren.metrics import (
     image_scores,
     localization_report,
     noisy_or_probability,
+    score_boxes,
 )
 
 
@@ -153,3 +154,17 @@ def test_image_scores_noisy_or_and_max():
     assert s[1] > s[0] and math.isfinite(float(s[1]))
     with pytest.raises(ValueError):
         image_scores(maps, "mean")
+
+
+def test_score_boxes_picks_the_map_of_each_box_class():
+    maps = torch.zeros(2, 14, 2, 2)
+    maps[0, 1, 0, 0] = 1.0  # image 0, Cardiomegaly: top-left cell
+    maps[1, 5] = 1.0  # image 1, Nodule: everything
+    boxes = [torch.tensor([[0.0, 0.0, 5.0, 5.0], [0.0, 0.0, 5.0, 5.0]]), torch.tensor([[0.0, 0.0, 10.0, 5.0]])]
+    labels = [torch.tensor([1, 0]), torch.tensor([5])]
+    ious, iobbs, names = score_boxes(maps, boxes, labels, (10, 10))
+    assert names == ["Cardiomegaly", "Atelectasis", "Nodule"]
+    assert ious.tolist() == pytest.approx([1.0, 0.0, 0.5])
+    assert iobbs.tolist() == pytest.approx([1.0, 0.0, 1.0])
+    empty = score_boxes(maps, [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2, (10, 10))
+    assert empty[0].numel() == 0 and empty[2] == []

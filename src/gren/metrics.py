@@ -65,7 +65,7 @@ def grid_box_overlap(
         the area of (union of positive cells) & box, the area of the union of positive cells, and
         the box area.
     """
-    maps = _as_tensor(prob)
+    maps = _as_tensor(prob, dtype=torch.float32)
     boxes = _as_tensor(box_xyxy)
     if maps.dim() == 2:
         maps = maps.unsqueeze(0)
@@ -87,10 +87,11 @@ def grid_box_overlap(
     # per-column overlap width and per-row overlap height of cell and box, in pixels
     overlap_w = (torch.minimum((cols + 1) * cell_w, x2) - torch.maximum(cols * cell_w, x1)).clamp_min(0)  # (N, w)
     overlap_h = (torch.minimum((rows + 1) * cell_h, y2) - torch.maximum(rows * cell_h, y1)).clamp_min(0)  # (N, h)
-    positive = (maps > threshold).to(torch.float64)  # (N, h, w)
-    # sum_ij pos_ij * oh_i * ow_j  ==  oh^T pos ow
-    intersection = torch.einsum("nh,nhw,nw->n", overlap_h, positive, overlap_w)
-    positive_area = positive.sum(dim=(1, 2)) * (cell_w * cell_h).squeeze(1)
+    positive = maps > threshold  # (N, h, w) bool
+    # sum_ij pos_ij * oh_i * ow_j  ==  oh^T (pos ow): the big product in float32, the rest in float64
+    per_row = torch.bmm(positive.to(torch.float32), overlap_w.to(torch.float32).unsqueeze(2)).squeeze(2)  # (N, h)
+    intersection = (per_row.to(torch.float64) * overlap_h).sum(dim=1)
+    positive_area = positive.sum(dim=(1, 2)).to(torch.float64) * (cell_w * cell_h).squeeze(1)
     box_area = ((x2 - x1).clamp_min(0) * (y2 - y1).clamp_min(0)).squeeze(1)
     return intersection, positive_area, box_area
 
@@ -134,6 +135,44 @@ def grid_box_iobb(prob, box_xyxy, image_size, threshold: float = CELL_THRESHOLD)
     return float(grid_box_iobb_batch(prob, box_xyxy, image_size, threshold)[0])
 
 
+def score_boxes(
+    maps: torch.Tensor | np.ndarray,
+    boxes: Sequence[torch.Tensor | np.ndarray],
+    box_labels: Sequence[torch.Tensor | np.ndarray],
+    image_size: Sequence[float] | torch.Tensor | np.ndarray,
+    threshold: float = CELL_THRESHOLD,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """IoU and IoBB of every ground-truth box of a batch against the map of its own class.
+
+    Args:
+        maps: ``(B, K, h, w)`` probability maps in LABELS order, each covering its image.
+        boxes: ``B`` arrays ``(n_i, 4)`` xyxy in the pixels of the image the maps cover.
+        box_labels: ``B`` arrays ``(n_i,)`` of LABELS indices.
+        image_size: ``(width, height)`` shared by the batch, or ``(B, 2)``.
+
+    Returns:
+        ``(ious (M,), iobbs (M,), class names (M,))`` for the ``M = sum n_i`` boxes, float64.
+    """
+    probs = _as_tensor(maps, dtype=torch.float32)
+    if probs.dim() != 4 or len(boxes) != probs.shape[0] or len(box_labels) != probs.shape[0]:
+        raise ValueError(f"expected maps (B, K, h, w) with B box lists, got {tuple(probs.shape)}, {len(boxes)} lists")
+    sizes = _as_tensor(image_size)
+    if sizes.dim() == 1:
+        sizes = sizes.unsqueeze(0).expand(probs.shape[0], 2)
+    counts = [len(b) for b in boxes]
+    if sum(counts) == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty.clone(), []
+    image_of_box = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    label_of_box = torch.cat([_as_tensor(lab, dtype=torch.int64).reshape(-1) for lab in box_labels])
+    all_boxes = torch.cat([_as_tensor(b).reshape(-1, 4) for b in boxes])
+    box_maps = probs[image_of_box, label_of_box]  # (M, h, w)
+    inter, pos_area, box_area = grid_box_overlap(box_maps, all_boxes, sizes[image_of_box], threshold)
+    ious = _safe_ratio(inter, pos_area + box_area - inter)
+    iobbs = _safe_ratio(inter, box_area)
+    return ious, iobbs, [LABELS[int(k)] for k in label_of_box]
+
+
 def accuracy_by_class(
     scores: torch.Tensor | np.ndarray,
     box_classes: Sequence[str],
@@ -158,7 +197,7 @@ def accuracy_by_class(
     if len(names) != values.numel():
         raise ValueError(f"{values.numel()} scores but {len(names)} box classes")
     ts = torch.tensor(list(thresholds), dtype=torch.float64)
-    hits = values.unsqueeze(1) >= ts.unsqueeze(0) - 1e-12  # (N, T), tolerant to float noise at T
+    hits = values.unsqueeze(1) >= ts.unsqueeze(0) - 1e-6  # (N, T), tolerant to float32 rounding at T
     table: dict[str, dict[str, float | None]] = {}
     for cls in classes:
         mask = torch.from_numpy(names == cls)
@@ -192,14 +231,14 @@ def image_scores(maps: torch.Tensor | np.ndarray, mode: str = "noisy_or") -> tor
     1.0 over many cells). Use :func:`noisy_or_probability` for the probability itself.
     ``mode="max"``: the largest cell probability.
     """
-    probs = _as_tensor(maps)
+    probs = _as_tensor(maps, dtype=torch.float32)
     if probs.dim() != 4:
         raise ValueError(f"expected maps (N, K, h, w), got {tuple(probs.shape)}")
     if mode == "max":
-        return probs.amax(dim=(2, 3))
+        return probs.amax(dim=(2, 3)).to(torch.float64)
     if mode == "noisy_or":
-        eps = 1e-12
-        return -torch.log1p(-probs.clamp(0.0, 1.0 - eps)).sum(dim=(2, 3))
+        # p is clamped to 1 - 2**-24 (the largest float32 below 1): a cell at p = 1 adds ~16.6
+        return -torch.log1p(-probs.clamp(0.0, 1.0 - 2.0**-24)).sum(dim=(2, 3), dtype=torch.float64)
     raise ValueError(f"unknown image score mode {mode!r} (expected 'noisy_or' or 'max')")
 
 
