@@ -525,8 +525,8 @@ class DatasetIndex:
             if len(self.boxes):
                 coords = self.boxes[["x1", "y1", "x2", "y2"]].to_numpy(dtype=np.float32)
                 labels = self.boxes["label"].map(LABEL_INDEX).to_numpy(dtype=np.int64)
-                for image_id, rows in self.boxes.groupby("image_id", sort=False).indices.items():
-                    grouped[image_id] = (coords[rows], labels[rows])
+                for key, rows in self.boxes.groupby("image_id", sort=False).indices.items():
+                    grouped[key] = (coords[rows], labels[rows])
             self._boxes_by_image = grouped
         found = self._boxes_by_image.get(image_id)
         if found is None:
