@@ -1,0 +1,333 @@
+"""``gren evaluate``: a trained run over its test split -> ``RUN/eval.json`` and ``RUN/eval.md``.
+
+The test images are the run's fold (``RUN/split.csv``): the rows with ``role == "test"`` that are
+annotated (have at least one box). Localization accuracy and IoBB are computed over their boxes
+(:mod:`gren.metrics`), in the ``S x S`` pixels of the prepared cache (IoU is invariant under the
+resize from the original file, which scales image and box together). AUC is computed over the same
+annotated test images by default; ``auc_images="heldout"`` adds every image of the fold not used for
+training (``role`` ``test`` or ``unused``), which gives AUC many more negatives.
+
+Image-level score for AUC: the MIL noisy-or ``1 - prod_j (1 - p_j)`` over the cells of each class
+map, i.e. the image probability the methods are trained with (see :func:`gren.metrics.image_scores`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gren.data.labels import BOX_CLASSES, LABELS
+from gren.errors import GrenError
+from gren.metrics import (
+    IOU_THRESHOLDS,
+    auc_by_label,
+    image_scores,
+    localization_report,
+    score_boxes,
+    threshold_key,
+)
+
+log = logging.getLogger(__name__)
+
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+AUC_IMAGE_CHOICES = ("test", "heldout")
+
+PredictFn = Callable[[dict], torch.Tensor]
+"""``batch (collated dict) -> probs (B, K, h, w)`` maps covering each ``S x S`` image."""
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Stack tensors; ``boxes``/``box_labels`` stay lists, ``image_id`` a list of str."""
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if key in ("boxes", "box_labels") or not isinstance(values[0], torch.Tensor):
+            batch[key] = values
+        else:
+            batch[key] = torch.stack(values)
+    return batch
+
+
+def evaluate_predictions(
+    predict: PredictFn,
+    dataset: Dataset,
+    loc_ids: set[str] | None = None,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = True,
+    thresholds: tuple[float, ...] = IOU_THRESHOLDS,
+) -> dict:
+    """Run ``predict`` over ``dataset`` and score it.
+
+    Args:
+        predict: ``batch -> probs (B, K=14, h, w)``; the maps cover each item's ``S x S`` image.
+        dataset: items as in docs/architecture.md (``image`` (1, S, S), ``labels`` (14,), ``boxes`` (n, 4)
+            in S pixels, ``box_labels`` (n,), ``image_id``).
+        loc_ids: image ids whose boxes count for localization (default: every item). The others only
+            contribute to AUC.
+        batch_size, workers: DataLoader settings.
+
+    Returns:
+        ``{"accuracy", "iobb", "n_boxes", "auc", "n_images", "n_images_auc"}`` in the eval.json shape.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_items)
+    ious, iobbs, names, scores, labels = [], [], [], [], []
+    n_loc_images = 0
+    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        probs = predict(batch).detach().float().cpu()
+        size = batch["image"].shape[-1], batch["image"].shape[-2]  # (width, height) of the S x S input
+        if probs.dim() != 4 or probs.shape[0] != len(batch["image_id"]) or probs.shape[1] != len(LABELS):
+            raise GrenError(f"the method returned maps of shape {tuple(probs.shape)}, expected (B, {len(LABELS)}, h, w)")
+        keep = [loc_ids is None or image_id in loc_ids for image_id in batch["image_id"]]
+        n_loc_images += sum(keep)
+        boxes = [b if k else b[:0] for b, k in zip(batch["boxes"], keep)]
+        box_labels = [lab if k else lab[:0] for lab, k in zip(batch["box_labels"], keep)]
+        iou, iobb, cls = score_boxes(probs, boxes, box_labels, size)
+        ious.append(iou)
+        iobbs.append(iobb)
+        names.extend(cls)
+        scores.append(image_scores(probs))
+        labels.append(batch["labels"].cpu())
+    all_ious = torch.cat(ious) if ious else torch.zeros(0, dtype=torch.float64)
+    all_iobbs = torch.cat(iobbs) if iobbs else torch.zeros(0, dtype=torch.float64)
+    result = localization_report(all_ious, all_iobbs, names, thresholds)
+    if scores:
+        result["auc"] = auc_by_label(torch.cat(scores), torch.cat(labels).round().to(torch.int64))
+    else:
+        result["auc"] = {**{name: None for name in LABELS}, "mean": None}
+    result["n_images"] = n_loc_images
+    result["n_images_auc"] = int(sum(len(s) for s in scores))
+    return result
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """``RUN/config.yaml`` as a dict; a clear error when the run directory or file is missing."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise GrenError(f"{run_dir}: not a training run (no config.yaml); train one with `gren train ... --out RUN`")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GrenError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise GrenError(f"{path}: expected a mapping")
+    return config
+
+
+def run_data_path(config: dict) -> str | None:
+    """The dataset (raw folder or cache) a run was trained on, as recorded in its config, or None."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    for key in ("path", "dir", "source", "data", "cache"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            return value
+    for key in ("data_dir", "data_path"):
+        value = config.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def read_split(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """``RUN/split.csv`` (columns ``image_id``, ``role``, ``annotated``, ...)."""
+    path = Path(run_dir) / "split.csv"
+    if not path.is_file():
+        raise GrenError(f"{path}: missing; the run has no recorded split (was it made by `gren train`?)")
+    try:
+        from gren.data.splits import read_fold_csv
+
+        split = read_fold_csv(path)
+    except ImportError:  # pragma: no cover - splits module always present in a full install
+        split = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
+    missing = {"image_id", "role", "annotated"} - set(split.columns)
+    if missing:
+        raise GrenError(f"{path}: expected columns image_id, role, annotated; missing {', '.join(sorted(missing))}")
+    split = split.copy()
+    split["image_id"] = split["image_id"].astype(str)
+    if split["annotated"].dtype != bool:
+        split["annotated"] = split["annotated"].astype(str).str.lower().isin(("true", "1", "yes"))
+    return split
+
+
+def open_run_data(config: dict, data: str | os.PathLike | None, run_dir: str | os.PathLike):
+    """The :class:`~gren.data.cache.PreparedCache` for a run: ``data`` when given, else the run's own."""
+    from gren.data.source import open_prepared
+
+    path = data if data is not None else run_data_path(config)
+    if path is None:
+        raise GrenError(f"{run_dir}/config.yaml does not record the training data; pass --data DIR|CACHE")
+    if not Path(path).exists():
+        raise GrenError(f"data {path} not found (from {'--data' if data is not None else f'{run_dir}/config.yaml'}); "
+                        "pass --data DIR|CACHE")
+    data_cfg = config.get("data", {})
+    return open_prepared(path, size=int(data_cfg.get("size", 512)), lungs=str(data_cfg.get("lungs", "classical")))
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None) -> Path:
+    """``RUN`` itself (its last checkpoint) or ``RUN/checkpoints/NAME[.pt]`` / a checkpoint path."""
+    if checkpoint is None:
+        return Path(run_dir)
+    for candidate in (Path(checkpoint), Path(run_dir) / "checkpoints" / checkpoint,
+                      Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("*.pt"))
+    raise GrenError(f"checkpoint {checkpoint!r} not found in {run_dir}/checkpoints "
+                    f"(available: {', '.join(available) or 'none'})")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def method_predictor(method: torch.nn.Module, device: torch.device) -> PredictFn:
+    """``batch -> probs`` with ``method.predict`` on ``device`` (maps returned on the CPU)."""
+
+    def predict(batch: dict) -> torch.Tensor:
+        return method.predict(batch["image"].to(device)).float().cpu()
+
+    return predict
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    checkpoint: str | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    auc_images: str = "test",
+    progress: bool = True,
+    write: bool = True,
+) -> dict:
+    """Evaluate a run on its test split and (by default) write ``RUN/eval.json`` and ``RUN/eval.md``.
+
+    Args:
+        run_dir: the ``gren train --out`` directory.
+        data: dataset folder or cache overriding the one recorded in the run's config.
+        checkpoint: a checkpoint name in ``RUN/checkpoints`` (``epoch_003``, ``last.pt``) or a path.
+        auc_images: ``"test"`` (the annotated test images) or ``"heldout"`` (every image of the fold
+            not used for training).
+
+    Returns:
+        The eval.json dict (also with ``method``, ``fold``, ``protocol``, ``checkpoint``, ``auc_images``).
+    """
+    from gren.data.cache import CacheDataset
+    from gren.methods import load_run
+
+    if auc_images not in AUC_IMAGE_CHOICES:
+        raise GrenError(f"auc_images must be one of {', '.join(AUC_IMAGE_CHOICES)}, got {auc_images!r}")
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    split = read_split(run_dir)
+    test = split[(split["role"] == "test") & split["annotated"]]
+    if test.empty:
+        raise GrenError(f"{run_dir}/split.csv has no annotated test images (protocol {config.get('data', {}).get('protocol')})")
+    cache = open_run_data(config, data, run_dir)
+    loc_ids = set(test["image_id"])
+    if auc_images == "heldout":
+        eval_ids = split.loc[split["role"] != "train", "image_id"].tolist()
+    else:
+        eval_ids = test["image_id"].tolist()
+    present = set(cache.image_ids)
+    absent = [i for i in eval_ids if i not in present]
+    if absent:
+        log.warning("%d of the run's %d evaluation images are not in %s and are skipped (e.g. %s)",
+                    len(absent), len(eval_ids), cache.path, ", ".join(absent[:3]))
+        eval_ids = [i for i in eval_ids if i in present]
+    checkpoint_path = resolve_checkpoint(run_dir, checkpoint)
+    method, run_config = load_run(checkpoint_path, map_location="cpu")
+    torch_device = pick_device(str(config.get("device", {}).get("device", "auto")) if device == "auto" else device)
+    method.to(torch_device)
+    dataset = CacheDataset(cache, eval_ids)
+    log.info("evaluating %s on %d annotated test images (%d for AUC) from %s", run_dir, len(loc_ids & present),
+             len(eval_ids), cache.path)
+    result = evaluate_predictions(method_predictor(method, torch_device), dataset, loc_ids=loc_ids,
+                                  batch_size=batch_size, progress=progress)
+    data_cfg = run_config.get("data", {})
+    result.update({
+        "method": run_config.get("method"),
+        "protocol": data_cfg.get("protocol"),
+        "fold": data_cfg.get("fold"),
+        "checkpoint": str(checkpoint_path if checkpoint else "last"),
+        "auc_images": auc_images,
+        "data": str(cache.path),
+    })
+    if write:
+        write_eval(run_dir, result)
+    return result
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_eval(run_dir: str | os.PathLike, result: dict) -> None:
+    """Write ``eval.json`` (atomically) and ``eval.md`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / (EVAL_JSON + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    os.replace(tmp, run_dir / EVAL_JSON)
+    (run_dir / EVAL_MD).write_text(eval_markdown(result, title=str(result.get("method") or run_dir.name)))
+    log.info("wrote %s and %s", run_dir / EVAL_JSON, run_dir / EVAL_MD)
+
+
+def read_eval(path: str | os.PathLike) -> dict:
+    """Load an eval.json (a run directory or the file), checking its top-level keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EVAL_JSON
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GrenError(f"{path}: cannot read evaluation results ({err})") from None
+    missing = {"accuracy", "iobb", "auc", "n_boxes"} - set(result)
+    if missing:
+        raise GrenError(f"{path}: not an eval.json (missing {', '.join(sorted(missing))})")
+    return result
+
+
+def fmt_value(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def eval_markdown(result: dict, title: str = "model") -> str:
+    """A markdown report of one eval.json: one accuracy row per T (the paper's Table I rows), IoBB, AUC."""
+    thresholds = [threshold_key(t) for t in IOU_THRESHOLDS]
+    header = "| T(IoU) | " + " | ".join(BOX_CLASSES) + " | Mean |"
+    rule = "| --- " * (len(BOX_CLASSES) + 2) + "|"
+    lines = [f"# Evaluation: {title}", ""]
+    extra = {k: result.get(k) for k in ("method", "protocol", "fold", "checkpoint", "n_images") if result.get(k) is not None}
+    if extra:
+        lines += [", ".join(f"{k} {v}" for k, v in extra.items()), ""]
+    for block, name in (("accuracy", "Localization accuracy (IoU >= T)"), ("iobb", "IoBB accuracy (IoBB >= T)")):
+        lines += [f"## {name}", "", header, rule]
+        for t in thresholds:
+            cells = [fmt_value(result[block][c][t]) for c in BOX_CLASSES] + [fmt_value(result[block]["mean"][t])]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Boxes per class: " + ", ".join(f"{c} {result['n_boxes'].get(c, 0)}" for c in BOX_CLASSES), ""]
+    lines += ["## AUC", "", "| " + " | ".join(LABELS) + " | Mean |", "| --- " * (len(LABELS) + 1) + "|",
+              "| " + " | ".join(fmt_value(result["auc"].get(lab), 3) for lab in [*LABELS, "mean"]) + " |", ""]
+    return "\n".join(lines)

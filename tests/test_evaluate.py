@@ -1,0 +1,106 @@
+"""`gren evaluate`: the scoring loop on a perfect and a blank predictor, the eval.json schema and markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gren.data.labels import BOX_CLASSES, LABEL_INDEX, LABELS
+from gren.eval.evaluate import eval_markdown, evaluate_predictions, read_eval, write_eval
+
+SIZE = 32
+
+
+def _items():
+    """Six 32 x 32 items: boxes of several classes (two on one image), one image without boxes."""
+    specs = [
+        ("a", [("Atelectasis", (0, 0, 16, 16))]),
+        ("b", [("Cardiomegaly", (8, 8, 24, 30)), ("Nodule", (2, 3, 6, 9))]),
+        ("c", [("Effusion", (16, 0, 32, 32))]),
+        ("d", [("Atelectasis", (4, 4, 12, 28))]),
+        ("e", [("Mass", (10.5, 10.5, 20.25, 19.75))]),
+        ("f", []),
+    ]
+    items = []
+    for index, (image_id, boxes) in enumerate(specs):
+        labels = torch.zeros(len(LABELS))
+        for name, _ in boxes:
+            labels[LABEL_INDEX[name]] = 1
+        items.append({
+            "image": torch.zeros(1, SIZE, SIZE),
+            "labels": labels,
+            "boxes": torch.tensor([b for _, b in boxes], dtype=torch.float32).reshape(-1, 4),
+            "box_labels": torch.tensor([LABEL_INDEX[n] for n, _ in boxes], dtype=torch.int64),
+            "image_id": image_id,
+            "index": index,
+        })
+    return items
+
+
+def perfect(batch):
+    """A map per pixel (h = w = S) that is 1 exactly on each box of its class."""
+    probs = torch.zeros(len(batch["image_id"]), len(LABELS), SIZE, SIZE)
+    centres = torch.arange(SIZE) + 0.5
+    for i, (boxes, labels) in enumerate(zip(batch["boxes"], batch["box_labels"])):
+        for (x1, y1, x2, y2), k in zip(boxes.tolist(), labels.tolist()):
+            inside_y = (centres >= y1) & (centres < y2)
+            inside_x = (centres >= x1) & (centres < x2)
+            probs[i, k][inside_y[:, None] & inside_x[None, :]] = 1.0
+    return probs
+
+
+def blank(batch):
+    return torch.zeros(len(batch["image_id"]), len(LABELS), 4, 4)
+
+
+def test_perfect_predictor_scores_one():
+    result = evaluate_predictions(perfect, _items(), batch_size=4, progress=False)
+    for cls in ("Atelectasis", "Cardiomegaly", "Effusion", "Nodule"):
+        assert result["accuracy"][cls] == {"0.1": 1.0, "0.3": 1.0, "0.5": 1.0, "0.7": 1.0}
+        assert result["iobb"][cls]["0.7"] == 1.0
+    assert result["accuracy"]["Mass"]["0.7"] == 1.0  # fractional box: IoU < 1 but well above 0.7
+    assert result["accuracy"]["Pneumonia"]["0.1"] is None  # no boxes: null, excluded from the mean
+    assert result["accuracy"]["mean"] == {"0.1": 1.0, "0.3": 1.0, "0.5": 1.0, "0.7": 1.0}
+    assert result["n_boxes"] == {**{c: 0 for c in BOX_CLASSES}, "Atelectasis": 2, "Cardiomegaly": 1,
+                                 "Effusion": 1, "Nodule": 1, "Mass": 1}
+    assert result["auc"]["Atelectasis"] == pytest.approx(1.0)
+    assert result["auc"]["Hernia"] is None and result["n_images"] == 6
+
+
+def test_blank_predictor_scores_zero():
+    result = evaluate_predictions(blank, _items(), batch_size=3, progress=False)
+    for block in ("accuracy", "iobb"):
+        assert result[block]["mean"] == {"0.1": 0.0, "0.3": 0.0, "0.5": 0.0, "0.7": 0.0}
+    assert result["auc"]["Atelectasis"] == pytest.approx(0.5)  # all scores tie
+
+
+def test_loc_ids_restrict_boxes_but_not_auc():
+    result = evaluate_predictions(perfect, _items(), loc_ids={"a", "b"}, batch_size=2, progress=False)
+    assert sum(result["n_boxes"].values()) == 3
+    assert result["n_images"] == 2 and result["n_images_auc"] == 6
+
+
+def test_wrong_map_shape_is_a_clear_error():
+    from gren.errors import GrenError
+
+    with pytest.raises(GrenError, match="expected"):
+        evaluate_predictions(lambda b: torch.zeros(len(b["image_id"]), 3, 2, 2), _items(), progress=False)
+
+
+def test_eval_json_schema_and_markdown(tmp_path):
+    result = evaluate_predictions(perfect, _items(), batch_size=4, progress=False)
+    result["method"] = "perfect"
+    write_eval(tmp_path, result)
+    loaded = json.loads((tmp_path / "eval.json").read_text())
+    assert list(loaded["accuracy"]) == [*BOX_CLASSES, "mean"]
+    assert list(loaded["iobb"]) == [*BOX_CLASSES, "mean"]
+    assert all(list(v) == ["0.1", "0.3", "0.5", "0.7"] for v in loaded["accuracy"].values())
+    assert list(loaded["auc"]) == [*LABELS, "mean"]
+    assert list(loaded["n_boxes"]) == list(BOX_CLASSES)
+    assert loaded["accuracy"]["Pneumonia"]["0.5"] is None
+    assert read_eval(tmp_path)["method"] == "perfect"
+    text = (tmp_path / "eval.md").read_text()
+    assert "| 0.5 | 1.00 | 1.00 | 1.00 | - | 1.00 | 1.00 | - | - | 1.00 |" in text  # Infiltration: no box
+    assert text == eval_markdown(result, title="perfect")
