@@ -1,0 +1,104 @@
+"""GREN (Qi et al. 2021) and its ablations: the baseline plus graph regularizers.
+
+* ``gren``: intra-image + inter-image terms, edge weights from the lungs' perceptual hashes;
+* ``gren-intra`` / ``gren-inter``: one of the two terms;
+* ``gren-cosine`` (the paper's B+Cosine, eq. 9-11): both terms, edge weights from the cosine
+  distance of the (detached) CNN lung features instead of the hashes.
+
+``Q = L + lambda_intra D_intra + lambda_inter D_inter`` (eq. 8); see :mod:`gren.methods.graph` for
+the terms, their forms and the lung-fallback rule. Config keys: ``graph.form, margin,
+lambda_intra, lambda_inter, inter_features, inter_scope``.
+
+``graph.inter_scope``: ``rank`` builds the inter-image graph from each process's own batch (the
+paper's graph of ``batch_size`` images); ``global`` all-gathers the image vectors (with gradient),
+hashes and validity flags of every rank first, so the graph spans the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gren.errors import GrenError
+from gren.methods import graph
+from gren.methods.base import GridMILMethod
+from gren.methods.registry import register_method
+from gren.train import dist
+
+
+class GrenMethod(GridMILMethod):
+    """The baseline grid model with GREN's regularizers.
+
+    Args:
+        config: the resolved config (``model``, ``loss``, ``graph`` sections).
+        intra, inter: which terms to add.
+        edge_weights: ``hash`` (GREN) or ``cosine`` (B+Cosine).
+    """
+
+    def __init__(self, config: dict, intra: bool = True, inter: bool = True, edge_weights: str = "hash"):
+        super().__init__(config)
+        graph_cfg = config["graph"]
+        if edge_weights not in ("hash", "cosine"):
+            raise ValueError(f"edge_weights must be 'hash' or 'cosine', got {edge_weights!r}")
+        if graph_cfg["inter_scope"] not in ("rank", "global"):
+            raise GrenError(f"graph.inter_scope must be 'rank' or 'global', got {graph_cfg['inter_scope']!r}")
+        self.use_intra, self.use_inter, self.edge_weights = intra, inter, edge_weights
+        self.lambda_intra = float(graph_cfg["lambda_intra"])
+        self.lambda_inter = float(graph_cfg["lambda_inter"])
+        self.inter_features = graph_cfg["inter_features"]
+        self.inter_scope = graph_cfg["inter_scope"]
+        self.intra_regularizer = graph.IntraImageRegularizer(graph_cfg["form"], graph_cfg["margin"])
+        self.inter_regularizer = graph.InterImageRegularizer(graph_cfg["form"], graph_cfg["margin"])
+
+    def extra_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        features = outputs["features"].float()
+        device = features.device
+        lung_vectors, lung_area = graph.lung_features(features, batch["lung_masks"].to(device))
+        fallback = batch.get("lung_fallback")
+        fallback = torch.zeros(features.shape[0], dtype=torch.bool, device=device) if fallback is None \
+            else torch.as_tensor(fallback, device=device).bool()
+        valid = (lung_area > 0).all(dim=1) & ~fallback
+        hashes = None
+        if self.edge_weights == "hash":
+            hashes = batch.get("lung_hashes")
+            if hashes is None:
+                raise GrenError(f"method {self.name or 'gren'} needs lung hashes in the batch: train from a "
+                                "prepared cache (gren prepare), not a raw folder dataset")
+            hashes = hashes.to(device).bool()
+        parts: dict[str, torch.Tensor] = {}
+        if self.use_intra:
+            e_intra = graph.hash_intra_dissimilarity(hashes) if hashes is not None \
+                else graph.cosine_intra_dissimilarity(lung_vectors)
+            parts["intra"] = self.lambda_intra * self.intra_regularizer(lung_vectors, e_intra, valid)
+        if self.use_inter:
+            vectors = graph.image_vectors(features, lung_vectors, self.inter_features)
+            if self.inter_scope == "global":
+                vectors = dist.all_gather_with_grad(vectors)
+                valid = dist.all_gather_no_grad(valid)
+                if hashes is not None:
+                    hashes = dist.all_gather_no_grad(hashes)
+                else:
+                    lung_vectors = dist.all_gather_no_grad(lung_vectors)
+            e_inter = graph.hash_inter_dissimilarity(hashes) if hashes is not None \
+                else graph.cosine_inter_dissimilarity(lung_vectors)
+            parts["inter"] = self.lambda_inter * self.inter_regularizer(vectors, e_inter, valid)
+        return parts
+
+
+@register_method("gren")
+def build_gren(config: dict) -> GrenMethod:
+    return GrenMethod(config, intra=True, inter=True, edge_weights="hash")
+
+
+@register_method("gren-intra")
+def build_gren_intra(config: dict) -> GrenMethod:
+    return GrenMethod(config, intra=True, inter=False, edge_weights="hash")
+
+
+@register_method("gren-inter")
+def build_gren_inter(config: dict) -> GrenMethod:
+    return GrenMethod(config, intra=False, inter=True, edge_weights="hash")
+
+
+@register_method("gren-cosine")
+def build_gren_cosine(config: dict) -> GrenMethod:
+    return GrenMethod(config, intra=True, inter=True, edge_weights="cosine")

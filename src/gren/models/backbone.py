@@ -1,0 +1,161 @@
+"""torchvision ResNet feature extractors with a one-channel (grayscale) stem.
+
+``build_backbone(name, weights, output_stride)`` returns a :class:`ResNetBackbone`: the ResNet
+without its global pool and fc, mapping images ``(B, 1, S, S)`` to features
+``(B, C, S / stride, S / stride)`` with ``C = 512`` (resnet18/34) or ``2048`` (resnet50).
+
+Grayscale is handled once, in the stem: the pretrained ``conv1`` weights ``(64, 3, 7, 7)`` are
+summed over the RGB axis into a ``(64, 1, 7, 7)`` convolution. That is exactly what the RGB network
+computes on a gray image copied into three channels, at a third of the stem's cost and without
+copying the input. (The per-channel ImageNet means/stds are not reproduced: inputs are normalised
+once by :func:`gren.data.dataset.normalize_uint8`, and fine-tuning absorbs the difference.)
+
+Weights (config ``model.weights``):
+
+* ``none``: random initialisation (default; logged plainly),
+* ``imagenet``: the torchvision ``IMAGENET1K_V1`` weights (needs them in the torch hub cache or
+  internet; offline a :class:`~gren.errors.GrenError` says what to do instead),
+* a file path: a ``state_dict`` saved with ``torch.save`` (a full torchvision ResNet's, with an RGB
+  or one-channel ``conv1``, ``fc.*`` ignored; or one of this backbone's own keys).
+
+``output_stride`` 32 is the paper's cut (512 px -> 16 x 16 cells). 16 keeps a useful grid at small
+CPU sizes (128 px -> 8 x 8): ``layer4`` runs at stride 1, dilated (rate 2) for Bottleneck ResNets
+(torchvision's ``replace_stride_with_dilation``) and undilated for BasicBlock ResNets
+(torchvision's BasicBlock does not support dilation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from gren.errors import GrenError
+
+log = logging.getLogger(__name__)
+
+_RESNETS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights, 512),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights, 512),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights, 2048),
+}
+BACKBONES: tuple[str, ...] = tuple(_RESNETS)
+
+
+class ResNetBackbone(nn.Module):
+    """A ResNet trunk: ``(B, 1, S, S)`` images -> ``(B, out_channels, S / stride, S / stride)`` features.
+
+    Attributes: ``out_channels`` (C), ``stride`` (input pixels per feature cell, 32 or 16).
+    """
+
+    def __init__(self, resnet: torchvision.models.ResNet, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+        self.out_channels = out_channels
+        self.stride = stride
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images (B, 1, S, S)`` -> features ``(B, C, ceil(S / stride), ceil(S / stride))``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def gray_stem(conv1_rgb: torch.Tensor) -> torch.Tensor:
+    """Sum RGB stem weights ``(O, 3, k, k)`` into one channel ``(O, 1, k, k)``; one-channel weights pass."""
+    if conv1_rgb.shape[1] == 1:
+        return conv1_rgb
+    return conv1_rgb.sum(dim=1, keepdim=True)
+
+
+def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    weights_enum = _RESNETS[name][1].IMAGENET1K_V1
+    try:
+        return weights_enum.get_state_dict(progress=False, check_hash=False)
+    except Exception as err:  # URLError, socket errors, HTTP errors: all mean "not available here"
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise GrenError(
+            f"cannot get the ImageNet weights for {name} ({type(err).__name__}: {err}). They are downloaded "
+            f"from {weights_enum.url} into {cache}; offline, copy that file there, or pass a local "
+            f"state_dict file with model.weights=PATH, or train from scratch with model.weights=none"
+        ) from None
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise GrenError(f"backbone weights file {path} not found (model.weights: none, imagenet or a file path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise GrenError(f"cannot read backbone weights {path}: {err}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise GrenError(f"backbone weights {path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    # Tolerate the usual prefixes (DataParallel "module.", our own "backbone.").
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "none", output_stride: int = 32) -> ResNetBackbone:
+    """A grayscale ResNet trunk.
+
+    Args:
+        name: ``resnet18``, ``resnet34`` or ``resnet50``.
+        weights: ``none`` / ``None`` (random init), ``imagenet``, or a path to a state_dict file.
+        output_stride: 32 (the paper) or 16 (``layer4`` at stride 1).
+
+    Raises:
+        GrenError: unknown name or stride, unreadable weights file, ImageNet weights unavailable offline.
+    """
+    if name not in _RESNETS:
+        raise GrenError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if output_stride not in (16, 32):
+        raise GrenError(f"model.output_stride must be 32 or 16, got {output_stride!r}")
+    factory, _, channels = _RESNETS[name]
+    dilate = output_stride == 16 and name == "resnet50"
+    resnet = factory(weights=None, replace_stride_with_dilation=[False, False, dilate])
+    resnet.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if output_stride == 16 and not dilate:
+        _undo_layer4_stride(resnet)
+
+    spec = "none" if weights is None else str(weights)
+    if spec.lower() == "none":
+        log.info("backbone %s: random initialisation (no pretrained weights; model.weights=none)", name)
+    else:
+        state = _imagenet_state_dict(name) if spec.lower() == "imagenet" else _file_state_dict(Path(spec).expanduser())
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if "conv1.weight" in state:
+            state["conv1.weight"] = gray_stem(state["conv1.weight"])
+        missing, unexpected = resnet.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise GrenError(
+                f"backbone weights {spec} do not fit {name}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        log.info("backbone %s: weights from %s (RGB stem summed to one channel)", name, spec)
+    return ResNetBackbone(resnet, channels, output_stride)
+
+
+def _undo_layer4_stride(resnet: torchvision.models.ResNet) -> None:
+    """Make ``layer4`` of a BasicBlock ResNet keep its input resolution (stride 1, no dilation)."""
+    block = resnet.layer4[0]
+    block.conv1.stride = (1, 1)
+    if block.downsample is not None:
+        block.downsample[0].stride = (1, 1)

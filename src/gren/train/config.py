@@ -1,0 +1,157 @@
+"""Training configuration: the bundled YAML defaults, a user YAML on top, then ``key=value`` overrides.
+
+``resolve_config(config_file, overrides)`` returns a plain nested dict:
+
+1. ``gren/configs/default.yaml`` (the paper's settings);
+2. ``config_file``: a path, or the name of a bundled config (``cpu-small``), holding a subset of the
+   default keys;
+3. ``overrides``: ``"section.key=value"`` strings, the value parsed as a YAML scalar
+   (``optim.lr=1e-2``, ``model.weights=none``, ``data.annotated_fraction=null``).
+
+Unknown keys are an error that lists the valid ones; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from gren.errors import GrenError
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped in ``gren/configs`` (``default``, ``cpu-small``, ...)."""
+    root = resources.files("gren") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _config_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    if text in bundled_configs():
+        return Path(str(resources.files("gren") / "configs" / f"{text}.yaml"))
+    raise GrenError(f"config {text!r} not found: neither a file nor a bundled config ({', '.join(bundled_configs())})")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping; a parse error names the file and line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark is not None else "?"
+        raise GrenError(f"{path}:{line}: invalid YAML: {err.problem}") from None
+    except OSError as err:
+        raise GrenError(f"cannot read config {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GrenError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def default_config() -> dict:
+    return load_yaml(_config_path("default"))
+
+
+def flat_keys(config: dict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys: ``["data.size", "optim.lr", ...]``."""
+    keys = []
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys.extend(flat_keys(value, dotted + "."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _coerce(default, value, key: str, source: str):
+    if isinstance(default, dict):
+        raise GrenError(f"{source}: {key} is a section ({', '.join(default)}), not a value")
+    if isinstance(value, dict):
+        raise GrenError(f"{source}: {key} takes a value, not a mapping")
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise GrenError(f"{source}: {key} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-2" as a string
+            value = float(value)
+        except ValueError:
+            raise GrenError(f"{source}: {key} must be a number, got {value!r}") from None
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def merge_config(base: dict, update: dict, source: str, prefix: str = "") -> dict:
+    """``base`` updated recursively by ``update``; keys absent from ``base`` are an error naming ``source``."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in out:
+            valid = ", ".join(flat_keys(base, prefix)) if prefix else ", ".join(base)
+            raise GrenError(f"{source}: unknown config key {dotted!r}; valid keys here: {valid}")
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge_config(out[key], value, source, dotted + ".")
+        else:
+            out[key] = _coerce(out[key], value, dotted, source)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``"optim.lr=0.01"`` -> ``("optim.lr", 0.01)`` (value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise GrenError(f"override {text!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``key=value`` strings to a copy of ``config``; unknown keys list the valid ones."""
+    out = copy.deepcopy(config)
+    valid = flat_keys(config)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in valid:
+            raise GrenError(f"override {text!r}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if isinstance(node[leaf], str) and value is not None:
+            value = text.split("=", 1)[1].strip()  # string keys keep the text as typed (protocol 1.0_0.4)
+        node[leaf] = _coerce(node[leaf], value, key, f"override {text!r}")
+    return out
+
+
+def resolve_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> dict:
+    """default.yaml <- ``config_file`` (path or bundled name) <- ``overrides`` -> the resolved config dict."""
+    config = default_config()
+    if config_file is not None:
+        path = _config_path(config_file)
+        config = merge_config(config, load_yaml(path), str(path))
+    return apply_overrides(config, overrides)
+
+
+def save_config(config: dict, path: str | os.PathLike) -> None:
+    """Write ``config`` as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,344 @@
+"""The training engine behind ``gren train``: data, loop, checkpoints, resume, DDP.
+
+``train(data, method, out, ...)`` is the command's whole job: resolve the config, open the prepared
+data and select the fold, then :func:`fit`. :func:`fit` is the loop on any :class:`TrainingData`
+(tests pass small in-memory datasets).
+
+Run directory (docs/architecture.md, "Runs"): ``config.yaml`` (resolved), ``split.csv`` (the fold),
+``checkpoints/epoch_NNN.pt`` and ``last.pt`` after every epoch, ``metrics.jsonl`` (one JSON line per
+epoch: ``epoch, steps, images, time_s, images_per_s, lr, loss{total, box, mil, ...}``) and ``tb/``
+(TensorBoard: step and epoch scalars).
+
+Determinism: ``seed`` fixes the initialisation (``torch.manual_seed`` before the model is built),
+the batches (:class:`~gren.train.sampler.MixedBatchSampler`, a function of ``(seed, epoch)``) and
+the DataLoader workers' seeds (a generator seeded per epoch). ``--resume`` restores the model,
+optimizer, scheduler and RNG states saved after the last completed epoch, so a resumed run ends
+with the same weights as an uninterrupted one (bit for bit on CPU).
+
+CUDA: bf16 autocast (``device.amp``), channels_last, optional ``torch.compile``. Under ``torchrun``
+each process trains ``train.batch_size`` images per step on its shard of the batches, gradients
+averaged by DDP; see :mod:`gren.methods.gren` for ``graph.inter_scope``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from gren.errors import GrenError
+from gren.methods import build_method
+from gren.train import dist
+from gren.train.checkpoint import copy_atomic, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gren.train.config import load_yaml, resolve_config, save_config
+from gren.train.sampler import MixedBatchSampler
+
+log = logging.getLogger(__name__)
+
+# Keys that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "data.workers", "device.device")
+
+
+@dataclass
+class TrainingData:
+    """What :func:`fit` trains on: a dataset of item dicts and the indices of its two pools."""
+
+    dataset: Dataset
+    annotated: Sequence[int]
+    unannotated: Sequence[int]
+    collate_fn: Callable | None = None  # default: gren.data.dataset.collate
+
+
+def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path) -> TrainingData:
+    """Open ``data_path`` (cache or raw folder), select the fold, write ``run_dir/split.csv``.
+
+    An existing ``split.csv`` (a resumed run) is read back instead of recomputed.
+    """
+    from gren.data.cache import CacheDataset
+    from gren.data.source import open_prepared
+    from gren.data.splits import make_folds, read_fold_csv, write_fold_csv
+
+    data_cfg = config["data"]
+    cache = open_prepared(data_path, size=int(data_cfg["size"]), lungs=data_cfg["lungs"])
+    split_path = run_dir / "split.csv"
+    if split_path.is_file():
+        split = read_fold_csv(split_path)
+        log.info("fold read back from %s", split_path)
+    else:
+        n_folds, fold = int(data_cfg["folds"]), int(data_cfg["fold"])
+        if not 0 <= fold < n_folds:
+            raise GrenError(f"fold {fold} out of range: data.folds is {n_folds} (folds 0..{n_folds - 1})")
+        folds = make_folds(cache.records, protocol=str(data_cfg["protocol"]), folds=n_folds, seed=int(config["seed"]),
+                           split_by=data_cfg["split_by"])
+        split = folds[fold]
+        if dist.is_main_process():
+            write_fold_csv(split, split_path)
+    train_rows = split[split["role"] == "train"]
+    if len(train_rows) == 0:
+        raise GrenError(f"protocol {data_cfg['protocol']} fold {data_cfg['fold']}: no training images in {data_path}")
+    dataset = CacheDataset(cache, indices=train_rows["image_id"].astype(str).tolist())
+    annotated_flags = train_rows["annotated"].astype(bool).to_numpy()
+    annotated = np.flatnonzero(annotated_flags).tolist()
+    unannotated = np.flatnonzero(~annotated_flags).tolist()
+    log.info("training on %d images: %d annotated (boxes), %d label-only", len(train_rows), len(annotated),
+             len(unannotated))
+    return TrainingData(dataset, annotated, unannotated)
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GrenError(f"device.device={spec} but CUDA is not available here; use device.device=cpu")
+    return device
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line.get("epoch", 0) <= upto_epoch]
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
+    os.replace(tmp, path)
+
+
+def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bool = False) -> list[dict]:
+    """Train ``config["method"]`` on ``data`` into ``run_dir``; returns the per-epoch metrics (all epochs).
+
+    With ``resume`` the run continues from ``run_dir/checkpoints/last.pt`` (from scratch when there is none).
+    Works in one process (CPU or GPU) and under ``torchrun`` (DDP).
+    """
+    run_dir = Path(run_dir)
+    distributed = dist.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    main = rank == 0
+    device = select_device(config["device"]["device"])
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not config["device"]["deterministic"]
+        if config["device"]["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    amp = on_cuda and config["device"]["amp"] == "bf16"
+    channels_last = on_cuda and bool(config["device"]["channels_last"])
+    train_cfg, optim_cfg = config["train"], config["optim"]
+    epochs = int(train_cfg["epochs"])
+
+    torch.manual_seed(int(config["seed"]))
+    method = build_method(config["method"], config).to(device)
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(method.parameters(), lr=float(optim_cfg["lr"]), momentum=float(optim_cfg["momentum"]),
+                                nesterov=bool(optim_cfg["nesterov"]), weight_decay=float(optim_cfg["weight_decay"]))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(optim_cfg["step_epochs"]),
+                                                gamma=float(optim_cfg["gamma"]))
+    checkpoint_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    start_epoch = 0
+    last = checkpoint_dir / "last.pt"
+    if resume and last.is_file():
+        checkpoint = load_checkpoint(last, map_location=device)
+        method.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch = int(checkpoint["epoch"])
+        log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, epochs)
+    elif resume:
+        log.warning("%s: nothing to resume (no %s); starting from the beginning", run_dir, last)
+    history = _read_history(metrics_path, start_epoch) if main else []
+
+    model: torch.nn.Module = method
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if on_cuda else None)
+    if config["device"]["compile"]:
+        model = torch.compile(model)
+
+    sampler = MixedBatchSampler(data.annotated, data.unannotated, int(train_cfg["batch_size"]),
+                                config["data"]["annotated_fraction"], seed=int(config["seed"]), rank=rank,
+                                world_size=world, max_batches=train_cfg["max_steps_per_epoch"])
+    collate_fn = data.collate_fn
+    if collate_fn is None:
+        from gren.data.dataset import collate as collate_fn
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch * len(sampler) if resume else None)
+    try:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                num_workers=int(config["data"]["workers"]), worker_init_fn=_seed_worker,
+                                generator=torch.Generator().manual_seed(int(config["seed"]) * 7919 + epoch),
+                                pin_memory=on_cuda)
+            lr = optimizer.param_groups[0]["lr"]
+            parts, steps, images, seconds = _train_epoch(model, method, loader, optimizer, device, amp, channels_last,
+                                                         epoch, epochs, writer, int(train_cfg["log_every"]),
+                                                         len(sampler))
+            scheduler.step()
+            parts = dist.all_reduce_mean(parts, device)
+            line = {"epoch": epoch + 1, "steps": steps, "images": images * world, "time_s": round(seconds, 3),
+                    "images_per_s": round(images * world / max(seconds, 1e-9), 2), "lr": lr,
+                    "loss": {k: round(v, 6) for k, v in parts.items()}}
+            if main:
+                history.append(line)
+                state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
+                         "config": config}
+                epoch_path = checkpoint_dir / f"epoch_{epoch + 1:03d}.pt"
+                save_checkpoint(epoch_path, **state)
+                copy_atomic(epoch_path, last)
+                _write_history(metrics_path, history)
+                for key, value in parts.items():
+                    writer.add_scalar(f"epoch/{key}", value, epoch + 1)
+                writer.add_scalar("epoch/lr", lr, epoch + 1)
+                writer.add_scalar("epoch/images_per_s", line["images_per_s"], epoch + 1)
+                writer.flush()
+                loss_text = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                log.info("epoch %d/%d: %s; lr %.2g; %.1f images/s", epoch + 1, epochs, loss_text, lr,
+                         line["images_per_s"])
+            dist.barrier()
+    finally:
+        if writer is not None:
+            writer.close()
+    if start_epoch >= epochs:
+        log.info("%s: all %d epochs already done", run_dir, epochs)
+    return history
+
+
+def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, epoch, epochs, writer, log_every,
+                 n_steps) -> tuple[dict[str, float], int, int, float]:
+    """One pass over ``loader``: returns (mean loss parts, steps, images on this rank, seconds)."""
+    from gren.data.dataset import check_batch_scale
+
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    steps = images_seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not dist.is_main_process(),
+               leave=False, dynamic_ncols=True)
+    for batch in bar:
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if steps == 0 and epoch == 0:
+            warning = check_batch_scale(images)
+            if warning:
+                log.warning("%s", warning)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(images)
+        parts = method.losses(outputs, batch)
+        total = parts["total"]
+        if not torch.isfinite(total):
+            values = {k: float(v) for k, v in parts.items()}
+            raise GrenError(f"epoch {epoch + 1} step {steps + 1}: the loss is not finite ({values}); "
+                            f"lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        steps += 1
+        images_seen += images.shape[0]
+        if steps % log_every == 0 or steps == n_steps:
+            means = {k: float(v) / steps for k, v in sums.items()}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+            if writer is not None:
+                global_step = epoch * n_steps + steps
+                for key, value in parts.items():
+                    writer.add_scalar(f"step/{key}", float(value), global_step)
+    bar.close()
+    if on_cuda(device):
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {k: float(v) / max(steps, 1) for k, v in sums.items()}, steps, images_seen, seconds
+
+
+def on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    def flat(config: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in config.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+
+
+def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, protocol: str | None = None,
+          fold: int | None = None, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+          resume: bool = False) -> list[dict]:
+    """``gren train``: resolve the config, open the data and fold, train into ``out``. Returns the epoch metrics.
+
+    Raises:
+        GrenError: bad config, an existing run without ``resume``, a resumed run with a different config
+            (other than ``train.epochs``, ``train.log_every``, ``data.workers``, ``device.device``).
+    """
+    config = resolve_config(config_file, overrides)
+    config["method"] = method
+    if protocol is not None:
+        config["data"]["protocol"] = str(protocol)
+    if fold is not None:
+        config["data"]["fold"] = int(fold)
+    from gren.methods import METHODS
+
+    if method not in METHODS:
+        raise GrenError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
+    run_dir = Path(out).expanduser()
+    saved_config_path = run_dir / "config.yaml"
+    if resume and saved_config_path.is_file():
+        differences = _config_differences(load_yaml(saved_config_path), config)
+        if differences:
+            raise GrenError(f"{run_dir}: --resume with a different config than the run's ({'; '.join(differences)}); "
+                            f"use the run's settings or a new --out")
+    elif not resume and (run_dir / "checkpoints" / "last.pt").is_file():
+        raise GrenError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose a new --out")
+    dist.init_distributed()
+    if dist.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, saved_config_path)
+    dist.barrier()
+    training_data = open_training_data(data, config, run_dir)
+    history = fit(config, run_dir, training_data, resume=resume)
+    if history:
+        final = history[-1]
+        log.info("done: %s after %d epochs (loss %.4f)", run_dir, final["epoch"], final["loss"].get("total", math.nan))
+    return history
