@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +343,13 @@ def test_cli_prints_json_summary(raw_dir, reference, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["reused"] and summary["n_images"] == len(IMAGES)
     assert main(["-q", "prepare", "--data", str(raw_dir), "--out", str(reference[0]), "--size", "48"]) == 2
+
+
+def test_concurrent_preparers_share_one_run(raw_dir, tmp_path):
+    out = tmp_path / "shared"
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(prepare_cache, raw_dir, out, size=SIZE, workers=1, chunk_size=CHUNK, progress=False)
+                   for _ in range(2)]
+        summaries = [f.result() for f in futures]
+    assert sorted(s["reused"] for s in summaries) == [False, True]
+    assert len(PreparedCache(out)) == len(IMAGES)

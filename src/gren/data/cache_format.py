@@ -13,6 +13,7 @@ A cache is one directory::
     box_offsets.npy    int64 (N + 1,)        boxes of row i are boxes[box_offsets[i]:box_offsets[i + 1]]
     records.csv        the index's records table (plus lung_fallback, mask_source), one row per image
     work/              only while prepare runs: preallocated row arrays and per-chunk markers
+    .prepare.lock      flock'ed while prepare runs (one preparer per folder)
 
 Every ``.npy`` is a plain NumPy file, opened with ``np.load(path, mmap_mode="r")``.
 """
@@ -37,6 +38,7 @@ RECORDS_FILE = "records.csv"
 WORK_DIR = "work"
 CHUNKS_DIR = "chunks"
 WORK_IDS_FILE = "image_ids.json"
+LOCK_FILE = ".prepare.lock"
 
 ROW_ARRAYS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "images": (np.dtype(np.uint8), ("S", "S")),

@@ -25,6 +25,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -279,7 +281,7 @@ def _bind_output(out_dir: Path, params: dict[str, Any], force: bool) -> dict[str
     """
     meta = fmt.read_meta(out_dir) if out_dir.is_dir() else None
     if meta is None:
-        if out_dir.is_dir() and any(out_dir.iterdir()):
+        if out_dir.is_dir() and any(p.name != fmt.LOCK_FILE for p in out_dir.iterdir()):
             raise GrenError(f"{out_dir} is not empty and is not a gren cache; choose an empty or new folder for --out")
         return None
     old = meta.get("params", {})
@@ -508,6 +510,37 @@ def prepare_cache(
 
     stamp = source_stamp(data_dir, exclude=(out_dir,))
     params = _params(size, lungs_spec, stamp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        return _prepare_locked(data_dir, out_dir, size, lungs_spec, workers, chunk_size, force, progress,
+                               stamp, params, started)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` (several processes, e.g. DDP ranks, preparing the same cache:
+    the first prepares, the others wait and then find it complete). No-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(out_dir / fmt.LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("%s: another process is preparing this cache; waiting for it", out_dir)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare_locked(data_dir: Path, out_dir: Path, size: int, lungs_spec: LungsSpec, workers: int,
+                    chunk_size: int, force: bool, progress: bool, stamp: dict[str, Any], params: dict[str, Any],
+                    started: float) -> dict[str, Any]:
+    """The body of :func:`prepare_cache`, run under the output folder's lock."""
     complete = _bind_output(out_dir, params, force)
     if complete is not None:
         summary = dict(complete["summary"])
@@ -528,7 +561,6 @@ def prepare_cache(
         log.warning("%s: %d listed images are not on disk (e.g. %s); they are left out", data_dir, len(missing),
                     ", ".join(missing[:3]))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = fmt.read_meta(out_dir)
     if meta is None or "chunk_size" not in meta:
         meta = {"format": fmt.FORMAT, "params": params, "complete": False, "chunk_size": int(chunk_size),
