@@ -311,14 +311,16 @@ def _chunks(records: pd.DataFrame, chunk_size: int) -> list[_ChunkTask]:
     return tasks
 
 
-def _setup_work(out_dir: Path, meta: dict[str, Any], image_ids: list[str], size: int) -> Path:
+def _setup_work(out_dir: Path, image_ids: list[str], size: int) -> Path:
     """Create (or validate, when resuming) ``out_dir/work``: preallocated row arrays and the id list."""
     work = out_dir / fmt.WORK_DIR
     ids_path = work / fmt.WORK_IDS_FILE
     if ids_path.is_file():
         with open(ids_path, encoding="utf-8") as handle:
             previous = json.load(handle).get("image_ids")
-        if previous == image_ids and all((work / f"{name}.npy").is_file() for name in fmt.ROW_ARRAYS):
+        # An interrupted finalisation may already have moved some arrays up into out_dir.
+        if previous == image_ids and all((work / f"{name}.npy").is_file() or (out_dir / f"{name}.npy").is_file()
+                                         for name in fmt.ROW_ARRAYS):
             return work
         log.warning("%s: unfinished work from another image listing; starting over", out_dir)
         shutil.rmtree(work)
@@ -569,7 +571,7 @@ def _prepare_locked(data_dir: Path, out_dir: Path, size: int, lungs_spec: LungsS
     elif meta["chunk_size"] != chunk_size:
         log.info("resuming with the interrupted run's chunk size %d", meta["chunk_size"])
     chunk_size = int(meta["chunk_size"])
-    work = _setup_work(out_dir, meta, image_ids, size)
+    work = _setup_work(out_dir, image_ids, size)
 
     tasks = _chunks(records, chunk_size)
     done = {k: m for k, m in _read_markers(work).items() if k < len(tasks)}
