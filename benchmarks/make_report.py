@@ -1,0 +1,118 @@
+"""Regenerate BENCHMARKS.md from the figures the benchmark scripts wrote to benchmarks/results/.
+
+    python benchmarks/make_report.py            # only assemble BENCHMARKS.md from existing results
+    python benchmarks/make_report.py --run      # rerun every benchmark script first (long: see each script)
+    python benchmarks/make_report.py --run --only phash,eval
+
+Each benchmark script writes ``results/<name>.json`` (figures, machine, date) and ``results/<name>.md``
+(a markdown section). This script runs them (``--run``) and concatenates the sections in a fixed order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+
+# (result name, script, one-line title) in the order they appear in BENCHMARKS.md
+SECTIONS = [
+    ("phash", "bench_phash.py", "Perceptual hash: ours vs imagehash"),
+    ("hash_signal", "hash_signal.py", "Does the lung hash carry the signal GREN assumes?"),
+    ("lungs", "bench_lungs.py", "Lung segmentation Dice on real films"),
+    ("synth", "bench_synth.py", "Synthetic data generator speed"),
+    ("prepare", "bench_prepare.py", "`gren prepare`: cached loading vs on-the-fly decoding"),
+    ("train_step", "bench_train_step.py", "Training step: baseline vs GREN variants"),
+    ("eval", "bench_eval.py", "Evaluation speed"),
+    ("demo", "bench_demo.py", "`gren demo` end to end"),
+    ("synthetic_crossval", "exp_synthetic_crossval.py", "Synthetic default: 5-fold ablation table"),
+    ("nih_sample", "exp_nih_sample.py", "Real NIH sample: baseline vs GREN"),
+    ("gpu", "bench_gpu.py", "GPU"),
+]
+
+log = logging.getLogger("benchmarks")
+
+
+def _versions() -> str:
+    parts = [f"Python {platform.python_version()}"]
+    for name in ("torch", "torchvision", "numpy", "PIL", "imagehash"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name} {getattr(module, '__version__', '?')}")
+        except ImportError:
+            pass
+    return ", ".join(parts)
+
+
+def run_scripts(only: set[str] | None) -> None:
+    for name, script, _ in SECTIONS:
+        if only and name not in only:
+            continue
+        path = HERE / script
+        if not path.exists():
+            log.warning("no script %s; skipping %s", script, name)
+            continue
+        log.info("running %s", script)
+        subprocess.run([sys.executable, str(path)], check=True, cwd=ROOT)
+
+
+def assemble() -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure here is written by a script in `benchmarks/` to `benchmarks/results/` and assembled by",
+        "`python benchmarks/make_report.py` (add `--run` to rerun them all). Each section names the machine and",
+        "date it was measured on; ratios are measured side by side in one run.",
+        "",
+        f"Assembled {datetime.now(timezone.utc).strftime('%Y-%m-%d')} with {_versions()}.",
+        "",
+    ]
+    missing = []
+    for name, script, title in SECTIONS:
+        md = RESULTS / f"{name}.md"
+        if not md.exists():
+            missing.append(f"* {title}: not measured yet (`python benchmarks/{script}`)")
+            continue
+        text = md.read_text().strip()
+        if not text.startswith("#"):
+            text = f"## {title}\n\n{text}"
+        meta = RESULTS / f"{name}.json"
+        if meta.exists():
+            try:
+                info = json.loads(meta.read_text())
+                machine = info.get("machine") or info.get("meta", {}).get("machine")
+                date = info.get("date") or info.get("meta", {}).get("date")
+                if machine or date:
+                    text += f"\n\n<sub>Measured on {machine or '?'}, {date or '?'}; figures in `benchmarks/results/{name}.json`; rerun: `python benchmarks/{script}`.</sub>"
+            except json.JSONDecodeError:
+                pass
+        lines += [text, ""]
+    if missing:
+        lines += ["## Not yet measured", "", *missing, ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="store_true", help="rerun the benchmark scripts first")
+    parser.add_argument("--only", default="", help="comma-separated result names to rerun (with --run)")
+    args = parser.parse_args()
+    if args.run:
+        run_scripts(set(filter(None, args.only.split(","))) or None)
+    out = ROOT / "BENCHMARKS.md"
+    out.write_text(assemble())
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
