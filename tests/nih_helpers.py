@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
@@ -67,3 +68,12 @@ def make_nih_folder(
     for k, (_stem, (rel, size)) in enumerate((images or {}).items()):
         write_image(root / rel, size=size, seed=k)
     return root
+
+
+@functools.lru_cache(maxsize=2)
+def cached_index(data_dir: str):
+    """``load_index(data_dir)`` once per test session (the real Data_Entry has 112,120 rows).
+    Callers must not modify the returned index."""
+    from gren.data.nih import load_index
+
+    return load_index(data_dir)

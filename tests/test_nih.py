@@ -14,14 +14,14 @@ from gren.commands.data_check import format_report
 from gren.data.labels import BOX_CLASSES, LABELS
 from gren.data.nih import labels_to_matrix, load_index, read_bbox_list, read_data_entry
 from gren.errors import DataError, ImageReadError
-from nih_helpers import BBOX_HEADER, make_nih_folder, write_image, write_text
+from nih_helpers import BBOX_HEADER, cached_index, make_nih_folder, write_image, write_text
 
 # ---------------------------------------------------------------- real data
 
 
 @pytest.fixture(scope="module")
 def real_index(nih_dir):
-    return load_index(nih_dir)
+    return cached_index(str(nih_dir))
 
 
 @pytest.mark.realdata
