@@ -321,3 +321,16 @@ def test_data_check_cli_on_generated_folder(tmp_path, capsys):
     make_nih_folder(empty, ENTRIES, BOXES, {})
     assert gren_main(["data", "check", "--data", str(empty)]) == 1
     assert "usable: NO" in capsys.readouterr().out
+
+
+def test_bom_crlf_quotes_and_spelling_variants(tmp_path):
+    lines = [
+        "\ufeff" + "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]",
+        '00000001_000.png,"Pleural Thickening|effusion",0,1,45,M,AP,2500,2048,0.1,0.1',
+    ]
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    write_image(tmp_path / "images" / "00000001_000.png")
+    index = load_index(tmp_path, strict=True)
+    assert index.records["labels"].tolist() == ["Effusion|Pleural_Thickening"]
+    assert index.records["view"].tolist() == ["AP"]

@@ -762,10 +762,12 @@ def _read_sizes(
     heights = np.zeros(len(paths), dtype=np.int64)
     readable = np.ones(len(paths), dtype=bool)
     iterator = paths
-    if verify and len(paths) > 200:
+    if len(paths) > (200 if verify else 20_000):
         from tqdm import tqdm
 
-        iterator = tqdm(paths, desc="verifying images", unit="img", leave=False)
+        iterator = tqdm(
+            paths, desc="verifying images" if verify else "reading image sizes", unit="img", leave=False
+        )
     for i, path in enumerate(iterator):
         try:
             if verify:
