@@ -1,0 +1,340 @@
+"""``gren predict``: heat maps, region boxes and overlays for image files with a trained model.
+
+Per input image ``DIR/<stem>.json``::
+
+    {"image": path, "image_size": [W, H], "model_input_size": S, "grid": [h, w], "method": name,
+     "cell_threshold": 0.5, "class_threshold": 0.5,
+     "probabilities": {label: image-level probability (noisy-or over the cells), ... 14},
+     "regions": [{"label", "probability", "box": [x1, y1, x2, y2] (image pixels), "cells", "max_cell_probability"}],
+     "ground_truth": [{"label", "box"}]    # only with --data, when the dataset knows the image
+    }
+
+and ``DIR/<stem>.png``: the image with the predicted area (cells with ``p > cell_threshold`` of the
+reported classes) in translucent red, region outlines labelled with the class name, and the ground
+truth boxes in green. Reported classes: those whose image probability is at least ``class_threshold``
+(most probable first, at most ``top_k``); when none passes, the ``top_k`` most probable classes that
+have a positive cell. Regions are the 8-connected components of positive cells, as boxes in the
+image's own pixels (cell ``(i, j)`` spans ``[j W / w, (j + 1) W / w) x [i H / h, (i + 1) H / h)``).
+
+Inputs: PNG / JPEG of any size and depth (:func:`gren.data.io.read_gray`), and DICOM with the
+optional ``pydicom`` (``pip install 'gren[dicom]'``): modality LUT (rescale slope / intercept), the
+file's VOI window (else the 0.5-99.5 percentile range) to 8 bits, MONOCHROME1 inverted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from gren.data.labels import LABELS
+from gren.errors import GrenError, ImageReadError
+from gren.metrics import noisy_or_probability
+
+log = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+OVERLAY_MAX_SIDE = 1024
+OVERLAY_MIN_SIDE = 512
+RED = (230, 30, 30)
+GREEN = (40, 220, 40)
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A ``.dcm``/``.dicom`` suffix, or the ``DICM`` magic at byte 128."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom_gray(path: str | os.PathLike) -> np.ndarray:
+    """A DICOM file -> uint8 (H, W): modality LUT, VOI window (or percentiles), MONOCHROME1 inverted."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        try:
+            import pydicom
+            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        except ImportError:
+            raise ImageReadError(f"{path}: reading DICOM needs pydicom, which is not installed; "
+                                 "install it with `pip install 'gren[dicom]'` (or `pip install pydicom`)") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        pixels = ds.pixel_array
+    except Exception as err:  # pydicom raises many types for bad files
+        raise ImageReadError(f"{path}: not a readable DICOM image ({type(err).__name__}: {err})") from None
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):  # colour DICOM: luma
+        pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    elif pixels.ndim != 2:
+        raise ImageReadError(f"{path}: DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+    low, high = np.percentile(values, [0.5, 99.5]) if "WindowCenter" not in ds else (values.min(), values.max())
+    if high <= low:
+        high = low + 1.0
+    gray = np.clip((values - low) / (high - low), 0.0, 1.0)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        gray = 1.0 - gray
+    return np.rint(gray * 255.0).astype(np.uint8)
+
+
+def read_any_gray(path: str | os.PathLike) -> np.ndarray:
+    """uint8 (H, W) from a PNG / JPEG (any depth, colour -> luma) or a DICOM file."""
+    from gren.data.io import read_gray
+
+    if not Path(path).is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if is_dicom(path):
+        return read_dicom_gray(path)
+    return read_gray(path)
+
+
+def resize_gray(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``S x S`` exactly as ``gren prepare`` does (Pillow bilinear, antialiased)."""
+    if gray.shape == (size, size):
+        return gray
+    return np.asarray(Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def cell_regions(prob: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5) -> list[dict]:
+    """8-connected components of the cells with ``prob > threshold`` as boxes in image pixels.
+
+    Args:
+        prob: ``(h, w)`` map covering the image.
+        image_size: ``(width, height)`` in pixels.
+
+    Returns:
+        ``[{"box": [x1, y1, x2, y2], "cells": n, "max_cell_probability": p}]``, largest first.
+    """
+    h, w = prob.shape
+    width, height = image_size
+    components, count = ndimage.label(prob > threshold, structure=np.ones((3, 3), dtype=bool))
+    regions = []
+    for k, found in enumerate(ndimage.find_objects(components), start=1):
+        if found is None:
+            continue
+        rows, cols = found
+        member = components[found] == k
+        regions.append({
+            "box": [round(cols.start * width / w, 2), round(rows.start * height / h, 2),
+                    round(cols.stop * width / w, 2), round(rows.stop * height / h, 2)],
+            "cells": int(member.sum()),
+            "max_cell_probability": round(float(prob[found][member].max()), 4),
+        })
+    regions.sort(key=lambda r: -r["cells"])
+    assert len(regions) <= count
+    return regions
+
+
+def reported_classes(probabilities: np.ndarray, maps: np.ndarray, class_threshold: float, cell_threshold: float,
+                     top_k: int) -> list[int]:
+    """LABELS indices to report (see the module docstring): ``probabilities (K,)``, ``maps (K, h, w)``."""
+    order = np.argsort(-probabilities, kind="stable")
+    passing = [int(k) for k in order if probabilities[k] >= class_threshold and (maps[k] > cell_threshold).any()]
+    if passing:
+        return passing[:top_k]
+    return [int(k) for k in order if (maps[k] > cell_threshold).any()][:top_k]
+
+
+@dataclass
+class GroundTruth:
+    """Boxes from ``--data`` (a raw NIH-layout folder or a prepared cache) by image stem."""
+
+    path: Path
+    _index: object = None
+    _cache: object = None
+    _sizes: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> GroundTruth:
+        from gren.data.cache import PreparedCache
+
+        path = Path(path)
+        if PreparedCache.is_cache(path):
+            return cls(path, _cache=PreparedCache(path))
+        from gren.data.nih import load_index
+
+        index = load_index(path)
+        sizes = {r.image_id: (int(r.width), int(r.height)) for r in index.records.itertuples()}
+        return cls(path, _index=index, _sizes=sizes)
+
+    def boxes(self, stem: str, image_size: tuple[int, int]) -> list[dict] | None:
+        """Ground-truth boxes of ``stem`` scaled to ``image_size`` pixels; None when the dataset lacks it."""
+        width, height = image_size
+        if self._cache is not None:
+            try:
+                row = self._cache.row_of(stem)
+            except GrenError:
+                return None
+            boxes, labels = self._cache.boxes(row)
+            sx, sy = width / self._cache.size, height / self._cache.size
+        else:
+            if stem not in self._sizes:
+                return None
+            boxes, labels = self._index.boxes_for(stem)
+            ref_w, ref_h = self._sizes[stem]
+            sx, sy = width / ref_w, height / ref_h
+        return [{"label": LABELS[int(k)], "box": [round(float(b[0]) * sx, 2), round(float(b[1]) * sy, 2),
+                                                   round(float(b[2]) * sx, 2), round(float(b[3]) * sy, 2)]}
+                for b, k in zip(boxes, labels)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], regions: dict[int, list[dict]],
+                 ground_truth: list[dict] | None, cell_threshold: float,
+                 probabilities: np.ndarray | None = None) -> Image.Image:
+    """RGB overlay: predicted cells translucent red, region outlines + names, ground truth in green.
+
+    ``gray`` uint8 (H, W) in image pixels; ``maps`` (K, h, w); boxes in image pixels. The overlay's
+    longer side is the image's, clamped to [:data:`OVERLAY_MIN_SIDE`, :data:`OVERLAY_MAX_SIDE`] so that
+    the class names stay legible.
+    """
+    height, width = gray.shape
+    longest = max(width, height)
+    scale = min(OVERLAY_MAX_SIDE / longest, max(1.0, OVERLAY_MIN_SIDE / longest))
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    base = Image.fromarray(gray, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
+    if classes:
+        positive = (maps[list(classes)] > cell_threshold).any(axis=0).astype(np.uint8) * 255  # (h, w)
+        mask = Image.fromarray(positive, mode="L").resize((out_w, out_h), Image.Resampling.NEAREST)
+        red = Image.new("RGB", (out_w, out_h), RED)
+        base = Image.composite(Image.blend(base, red, 0.4), base, mask)
+    draw = ImageDraw.Draw(base)
+    line = max(2, round(max(out_w, out_h) / 300))
+    font = _font(max(10, round(max(out_w, out_h) / 40)))
+
+    def scaled(box):
+        return [box[0] * scale, box[1] * scale, max(box[0] * scale, box[2] * scale - 1),
+                max(box[1] * scale, box[3] * scale - 1)]
+
+    for item in ground_truth or []:
+        box = scaled(item["box"])
+        draw.rectangle(box, outline=GREEN, width=line)
+        draw.text((box[0] + line, box[3] - line), f"GT {item['label']}", fill=GREEN, font=font, anchor="lb",
+                  stroke_width=max(1, line // 2), stroke_fill=(0, 60, 0))
+    for k in classes:
+        for region in regions.get(k, []):
+            box = scaled(region["box"])
+            draw.rectangle(box, outline=RED, width=line)
+            text = LABELS[k] if probabilities is None else f"{LABELS[k]} {probabilities[k]:.2f}"
+            draw.text((box[0] + line, box[1] + line), text, fill=(255, 235, 235), font=font,
+                      stroke_width=max(1, line // 2), stroke_fill=(120, 0, 0))
+    return base
+
+
+class Predictor:
+    """A loaded model that turns uint8 gray images into maps: ``predictor(gray) -> (maps (K, h, w), probs (K,))``."""
+
+    def __init__(self, source: str | os.PathLike, device: str = "auto"):
+        from gren.eval.evaluate import pick_device
+        from gren.methods import load_run
+
+        self.method, self.config = load_run(source, map_location="cpu")
+        self.device = pick_device(device)
+        self.method.to(self.device)
+        self.size = int(self.config["data"]["size"])
+        self.name = str(self.config.get("method", "?"))
+
+    def __call__(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``grays``: uint8 (H_i, W_i) images -> ``maps (B, K, h, w)``, ``image probabilities (B, K)``."""
+        from gren.data.dataset import normalize_uint8
+
+        batch = np.stack([resize_gray(g, self.size) for g in grays])[:, None]  # (B, 1, S, S)
+        images = normalize_uint8(torch.from_numpy(batch)).to(self.device)
+        maps = self.method.predict(images).float().cpu()
+        return maps.numpy(), noisy_or_probability(maps).float().numpy()
+
+
+def predict_files(
+    paths: Sequence[str | os.PathLike],
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    cell_threshold: float = 0.5,
+    class_threshold: float = 0.5,
+    top_k: int = 3,
+    data: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    predictor: Predictor | None = None,
+) -> dict:
+    """Predict each file; write ``out/<stem>.json`` and ``out/<stem>.png``.
+
+    Args:
+        paths: image files (PNG, JPEG, DICOM).
+        source: a run directory or a checkpoint file.
+        cell_threshold: a cell is positive when ``p > cell_threshold``.
+        class_threshold: a class is reported when its image probability is ``>=`` this.
+        top_k: at most this many classes reported per image.
+        data: dataset folder or cache for ground-truth boxes (optional).
+
+    Returns:
+        ``{"written": [json paths], "failed": {path: message}}``. Unreadable files are logged and
+        listed in ``failed``; the others are still processed.
+    """
+    predictor = predictor or Predictor(source, device)
+    truth = GroundTruth.open(data) if data is not None else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    failed: dict[str, str] = {}
+    stems: dict[str, int] = {}
+    for path in tqdm(list(paths), desc="predict", unit="image", disable=not progress, leave=False):
+        path = Path(path)
+        try:
+            gray = read_any_gray(path)
+        except GrenError as err:
+            log.error("%s", err)
+            failed[str(path)] = str(err)
+            continue
+        stem = path.stem
+        stems[stem] = stems.get(stem, 0) + 1
+        out_stem = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
+        height, width = gray.shape
+        maps, probs = predictor([gray])
+        maps, probs = maps[0], probs[0]
+        classes = reported_classes(probs, maps, class_threshold, cell_threshold, top_k)
+        regions = {k: cell_regions(maps[k], (width, height), cell_threshold) for k in classes}
+        ground_truth = truth.boxes(stem, (width, height)) if truth is not None else None
+        record = {
+            "image": str(path),
+            "image_size": [width, height],
+            "model_input_size": predictor.size,
+            "grid": list(maps.shape[-2:]),
+            "method": predictor.name,
+            "cell_threshold": cell_threshold,
+            "class_threshold": class_threshold,
+            "probabilities": {LABELS[k]: round(float(probs[k]), 6) for k in range(len(LABELS))},
+            "regions": [{"label": LABELS[k], "probability": round(float(probs[k]), 6), **region}
+                        for k in classes for region in regions[k]],
+        }
+        if ground_truth is not None:
+            record["ground_truth"] = ground_truth
+        json_path = out / f"{out_stem}.json"
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        draw_overlay(gray, maps, classes, regions, ground_truth, cell_threshold, probs).save(out / f"{out_stem}.png")
+        written.append(str(json_path))
+    log.info("%d images predicted into %s, %d failed", len(written), out, len(failed))
+    return {"written": written, "failed": failed}
