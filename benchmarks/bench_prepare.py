@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         best = {k: max(v) for k, v in rates.items()}
         result = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                        "python": sys.version.split()[0], "torch": torch.__version__},
+            "machine": f"{cpu_model()} ({os.cpu_count()} CPUs), {platform.platform()}",
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
             "data": str(args.data), "limit": args.limit, "size": args.size, "lungs": summary["lungs"],
             "prepare": {"images": summary["n_images"], "failed": summary["n_failed"], "workers": args.workers,
                         "seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     read, prep = result["read"], result["prepare"]
     ips = read["items_per_s_best"]
     md = [
-        "# bench_prepare: prepared cache vs per-item decoding",
+        "## `gren prepare`: cached loading vs on-the-fly decoding",
         "",
-        f"{result['date']}, {result['machine']['cpu']} ({result['machine']['cpu_count']} CPUs), "
-        f"torch {result['machine']['torch']}, Python {result['machine']['python']}.",
+        f"{result['date']}, {result['machine']}, torch {result['versions']['torch']}, "
+        f"Python {result['versions']['python']}.",
         f"Data: {result['data']}{f' (first {args.limit} images)' if args.limit else ''}; S = {args.size}; "
         f"lungs {result['lungs']}.",
         "",
