@@ -131,13 +131,15 @@ class ClassicalSegmenter:
         refine_weight: weight of the intensity term against the template's log-odds (0: template only).
         prior_blur: sigma of the template blur, as a fraction of the frame.
         min_contrast: a fit whose contrast (darkness units, [0, 0.5]) is below this is a failure.
+        outside_penalty: darkness given to air outside the body (negative: "not lung").
     """
 
     name = "classical"
 
     def __init__(self, work_size: int = 256, fit_size: int = 128,
                  scales: tuple[float, ...] = (0.95, 1.05, 1.15, 1.25, 1.35), max_shift: float = 1 / 6,
-                 refine_weight: float = 4.0, prior_blur: float = 0.03, min_contrast: float = 0.04):
+                 refine_weight: float = 4.0, prior_blur: float = 0.03, min_contrast: float = 0.04,
+                 outside_penalty: float = 0.1):
         self.work_size = work_size
         self.fit_size = fit_size
         self.scales = tuple(scales)
@@ -145,6 +147,7 @@ class ClassicalSegmenter:
         self.refine_weight = refine_weight
         self.prior_blur = prior_blur
         self.min_contrast = min_contrast
+        self.outside_penalty = outside_penalty
         self._filters = {label: self._matched_filters(label) for label in (1, 2)}
 
     def _matched_filters(self, label: int) -> list[tuple[float, float, np.ndarray]]:
@@ -163,19 +166,24 @@ class ClassicalSegmenter:
         return filters
 
     # ---- one image ----------------------------------------------------------------------------
-    def _body_box(self, smooth: np.ndarray) -> tuple[int, int, int, int]:
-        """(y0, y1, x0, x1) of the body in the working frame; the whole frame if not clear."""
+    def _body(self, smooth: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray]:
+        """The body in the working frame: its box (y0, y1, x0, x1) and bool mask (size, size).
+
+        The body is the largest component brighter than half Otsu's level, holes (the lungs) filled;
+        when that is unclear (under a quarter of the frame, or a box under half of it) the whole frame.
+        """
         size = smooth.shape[0]
+        whole = (0, size, 0, size), np.ones_like(smooth, dtype=bool)
         air_level = 0.5 * otsu_threshold(smooth.ravel())
         body = ndi.binary_opening(smooth > air_level, iterations=2)
         if body.sum() < 0.25 * size * size:
-            return 0, size, 0, size
+            return whole
         body = largest_component(body)
         ys, xs = np.nonzero(body)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         if (y1 - y0) < 0.5 * size or (x1 - x0) < 0.5 * size:
-            return 0, size, 0, size
-        return int(y0), int(y1), int(x0), int(x1)
+            return whole
+        return (int(y0), int(y1), int(x0), int(x1)), body
 
     def _fit(self, darkness: np.ndarray, label: int) -> FitResult:
         """Best outline of ``label`` on the darkness map (fit_size, fit_size)."""
@@ -212,13 +220,17 @@ class ClassicalSegmenter:
         lo, hi = np.percentile(work, [1, 99])
         work = np.clip((work - lo) / max(hi - lo, 1.0), 0.0, 1.0)
         smooth = ndi.gaussian_filter(work, 1.5)
-        y0, y1, x0, x1 = self._body_box(smooth)
+        (y0, y1, x0, x1), body = self._body(smooth)
         frame = smooth[y0:y1, x0:x1]
+        outside = ~body[y0:y1, x0:x1]
         fh, fw = frame.shape
         n = self.fit_size
         small = resize_float(frame, n, n)
-        threshold = otsu_threshold(small.ravel())
+        small_outside = resize_float(outside.astype(np.float32), n, n) > 0.5
+        threshold = otsu_threshold(small[~small_outside] if (~small_outside).any() else small.ravel())
         darkness = np.clip(threshold - small, -0.25, 0.25)
+        # Air outside the body is darker than any lung: score it as "not lung".
+        darkness[small_outside] = -self.outside_penalty
         fits = {label: self._fit(darkness, label) for label in (1, 2)}
         info = {"contrast": {label: fits[label].contrast for label in (1, 2)}, "body_box": (y0, y1, x0, x1)}
 
@@ -233,7 +245,9 @@ class ClassicalSegmenter:
                 inside_mean = frame[template].mean() if template.any() else 0.0
                 ring_mean = frame[ring].mean() if ring.any() else 1.0
                 level = (inside_mean + ring_mean) / 2
-                scores.append(np.log(prob / (1 - prob)) + self.refine_weight * (level - frame))
+                score = np.log(prob / (1 - prob)) + self.refine_weight * (level - frame)
+                score[outside] = -np.inf
+                scores.append(score)
             else:
                 scores.append(np.where(template, 1.0, -1.0))
         stacked = np.stack(scores)
