@@ -104,3 +104,43 @@ def test_eval_json_schema_and_markdown(tmp_path):
     text = (tmp_path / "eval.md").read_text()
     assert "| 0.5 | 1.00 | 1.00 | 1.00 | - | 1.00 | 1.00 | - | - | 1.00 |" in text  # Infiltration: no box
     assert text == eval_markdown(result, title="perfect")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A one-epoch baseline run at 64 px on a tiny generated NIH-layout folder (shared by the module)."""
+    from eval_helpers import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+def test_evaluate_run_on_a_trained_run(tiny):
+    from gren.cli import main
+    from gren.eval.evaluate import evaluate_run, read_split, run_data_path
+
+    data, run = tiny
+    split = read_split(run)
+    n_test = int(((split["role"] == "test") & split["annotated"]).sum())
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--checkpoint", "epoch_001"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert {"accuracy", "iobb", "auc", "n_boxes", "method", "fold", "n_images"} <= set(result)
+    assert result["method"] == "baseline" and result["fold"] == 0 and result["n_images"] == n_test
+    assert sum(result["n_boxes"].values()) == n_test  # one box per annotated image in the tiny set
+    for block in ("accuracy", "iobb"):
+        for values in result[block].values():
+            assert all(v is None or 0.0 <= v <= 1.0 for v in values.values())
+    assert (run / "eval.md").read_text().startswith("# Evaluation: baseline")
+
+    heldout = evaluate_run(run, data=data, auc_images="heldout", progress=False, write=False)
+    assert heldout["n_images_auc"] > heldout["n_images"] and heldout["n_boxes"] == result["n_boxes"]
+
+    from gren.errors import GrenError
+    from gren.eval.evaluate import read_run_config
+
+    with pytest.raises(GrenError, match="epoch_009"):
+        evaluate_run(run, data=data, checkpoint="epoch_009", progress=False)
+    if run_data_path(read_run_config(run)) is None:  # the run does not record its data: --data is needed
+        with pytest.raises(GrenError, match="--data"):
+            evaluate_run(run, progress=False)
+    with pytest.raises(GrenError, match="not a training run"):
+        evaluate_run(data, data=data, progress=False)
