@@ -277,7 +277,7 @@ def _effusion(ctx: LesionContext, side: str, hard: bool) -> list[LesionPatch]:
     _, _, height = _target(ctx, "Effusion", side, hard)
     height = float(np.clip(height, 70.0, 0.6 * (geom.base - geom.apex)))
     lateral_top = geom.base - height
-    medial_level = lateral_top + height * rng.uniform(0.45, 0.8)
+    medial_level = lateral_top + height * rng.uniform(0.15, 0.4)  # the meniscus climbs laterally
     d = np.linspace(0.0, geom.lateral + 90.0, 16)
     u = np.clip((d - geom.medial) / (geom.lateral - geom.medial), 0, 1)
     y = medial_level - (medial_level - lateral_top) * u**2.2
