@@ -142,7 +142,10 @@ def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         if "conv1.weight" in state:
             state["conv1.weight"] = gray_stem(state["conv1.weight"])
-        missing, unexpected = resnet.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = resnet.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise GrenError(f"backbone weights {spec} do not fit {name}: {str(err).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise GrenError(

@@ -252,15 +252,13 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if steps == 0 and epoch == 0:
-            warning = check_batch_scale(images)
-            if warning:
-                log.warning("%s", warning)
+            check_batch_scale(images)  # warns once when the inputs are not on the normalize_uint8 scale
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
         parts = method.losses(outputs, batch)
         total = parts["total"]
         if not torch.isfinite(total):
-            values = {k: float(v) for k, v in parts.items()}
+            values = {k: round(float(v.detach()), 4) for k, v in parts.items()}
             raise GrenError(f"epoch {epoch + 1} step {steps + 1}: the loss is not finite ({values}); "
                             f"lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
@@ -276,7 +274,7 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
             if writer is not None:
                 global_step = epoch * n_steps + steps
                 for key, value in parts.items():
-                    writer.add_scalar(f"step/{key}", float(value), global_step)
+                    writer.add_scalar(f"step/{key}", float(value.detach()), global_step)
     bar.close()
     if on_cuda(device):
         torch.cuda.synchronize(device)

@@ -1,0 +1,77 @@
+"""Backbones (grayscale stem, weights, output stride) and the grid head."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from gren.errors import GrenError
+from gren.models.backbone import build_backbone, gray_stem
+from gren.models.grid import GridHead
+
+
+@pytest.mark.parametrize(("name", "stride", "channels"), [("resnet18", 32, 512), ("resnet18", 16, 512),
+                                                          ("resnet34", 16, 512), ("resnet50", 16, 2048)])
+def test_backbone_shapes(name, stride, channels):
+    backbone = build_backbone(name, "none", stride)
+    features = backbone(torch.randn(2, 1, 64, 64))
+    assert features.shape == (2, channels, 64 // stride, 64 // stride)
+    assert backbone.out_channels == channels and backbone.stride == stride
+
+
+def test_gray_stem_equals_rgb_network_on_replicated_gray():
+    conv = torch.nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+    gray = torch.randn(2, 1, 32, 32)
+    rgb_out = conv(gray.repeat(1, 3, 1, 1))
+    gray_out = torch.nn.functional.conv2d(gray, gray_stem(conv.weight), stride=2, padding=3)
+    torch.testing.assert_close(gray_out, rgb_out, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_from_a_torchvision_state_dict_file(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone("resnet18", str(path), 32)
+    torch.testing.assert_close(backbone.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_bad_weights_are_clear_errors(tmp_path):
+    with pytest.raises(GrenError, match="not found"):
+        build_backbone("resnet18", str(tmp_path / "missing.pt"))
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(GrenError, match="do not fit resnet18"):
+        build_backbone("resnet18", str(tmp_path / "r50.pt"))
+    with pytest.raises(GrenError, match="unknown backbone"):
+        build_backbone("vgg16")
+    with pytest.raises(GrenError, match="output_stride"):
+        build_backbone("resnet18", "none", 8)
+
+
+def test_imagenet_offline_is_a_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(GrenError, match="ImageNet weights for resnet18.*model.weights"):
+        build_backbone("resnet18", "imagenet")
+
+
+def test_random_init_is_logged(caplog):
+    with caplog.at_level("INFO", logger="gren.models.backbone"):
+        build_backbone("resnet18", "none")
+    assert "random initialisation" in caplog.text
+
+
+def test_grid_head_shapes_and_prior():
+    head = GridHead(16, num_classes=14, hidden=8, upsample=2, prior=0.01).eval()
+    logits = head(torch.randn(3, 16, 4, 4))
+    assert logits.shape == (3, 14, 8, 8)
+    probs = torch.sigmoid(logits)
+    assert probs.mean().item() == pytest.approx(0.01, rel=0.5)
+    with pytest.raises(ValueError):
+        GridHead(16, upsample=0)

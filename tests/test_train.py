@@ -1,0 +1,177 @@
+"""Config resolution, the mixed sampler, the training loop: exact resume, a falling box loss, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from _train_fakes import FakeLesionDataset, small_config
+from gren.errors import GrenError
+from gren.train.checkpoint import load_checkpoint
+from gren.train.config import bundled_configs, resolve_config
+from gren.train.engine import TrainingData, fit
+from gren.train.sampler import MixedBatchSampler
+
+# ---------------------------------------------------------------- config
+
+
+def test_defaults_are_the_papers_schedule():
+    config = resolve_config()
+    assert config["optim"] == {"lr": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0001,
+                               "step_epochs": 4, "gamma": 0.1}
+    assert config["train"]["epochs"] == 9 and config["train"]["batch_size"] == 4
+    assert config["model"]["backbone"] == "resnet50" and config["model"]["output_stride"] == 32
+    assert config["graph"]["lambda_intra"] == 0.11 and config["graph"]["lambda_inter"] == 0.15
+    assert config["loss"]["beta"] == 4.0 and config["graph"]["form"] == "pull"
+    assert {"default", "cpu-small"} <= set(bundled_configs())
+
+
+def test_overrides_and_files(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("optim:\n  lr: 0.05\nmodel:\n  backbone: resnet34\n")
+    config = resolve_config(user, ["optim.lr=1e-2", "data.annotated_fraction=null", "data.protocol=1.0_0.4",
+                                   "train.epochs=3", "device.compile=true"])
+    assert config["optim"]["lr"] == 0.01 and config["model"]["backbone"] == "resnet34"
+    assert config["data"]["annotated_fraction"] is None and config["data"]["protocol"] == "1.0_0.4"
+    assert config["train"]["epochs"] == 3 and config["device"]["compile"] is True
+    small = resolve_config("cpu-small")
+    assert small["model"]["backbone"] == "resnet18" and small["model"]["output_stride"] == 16
+
+
+def test_unknown_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(GrenError, match="unknown key 'optim.learning_rate'.*optim.lr"):
+        resolve_config(None, ["optim.learning_rate=0.1"])
+    with pytest.raises(GrenError, match="KEY=VALUE"):
+        resolve_config(None, ["optim.lr"])
+    with pytest.raises(GrenError, match="must be a number"):
+        resolve_config(None, ["optim.lr=fast"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 1\n")
+    with pytest.raises(GrenError, match="bad.yaml: unknown config key 'optim.lrr'"):
+        resolve_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [1,\n")
+    with pytest.raises(GrenError, match="broken.yaml:"):
+        resolve_config(broken)
+    with pytest.raises(GrenError, match="not found"):
+        resolve_config("no-such-config")
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sampler_mixes_pools_deterministically():
+    annotated, unannotated = list(range(5)), list(range(5, 25))
+    sampler = MixedBatchSampler(annotated, unannotated, batch_size=4, annotated_fraction=0.25, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 7  # ceil(20 label-only / 3 per batch)
+    assert all(len(b) == 4 and sum(i < 5 for i in b) == 1 for b in batches)
+    assert set(unannotated) <= {i for b in batches for i in b}
+    assert batches == list(sampler)  # same epoch, same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    again = MixedBatchSampler(annotated, unannotated, batch_size=4, annotated_fraction=0.25, seed=3)
+    again.set_epoch(1)
+    assert list(again) == list(sampler)
+
+
+def test_sampler_shards_by_rank_and_handles_single_pools():
+    annotated, unannotated = list(range(4)), list(range(4, 30))
+    single = MixedBatchSampler(annotated, unannotated, 4, 0.5, seed=0).global_batches(0)
+    full = MixedBatchSampler(annotated, unannotated, 4, 0.5, seed=0, world_size=2).global_batches(0)
+    assert len(single) == 13 and len(full) == 14 and full[:13] == single  # padded to a multiple of the world size
+    shards = [list(MixedBatchSampler(annotated, unannotated, 4, 0.5, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    assert shards[0] == full[0::2] and shards[1] == full[1::2] and len(shards[0]) == 7
+    only_labels = list(MixedBatchSampler([], list(range(10)), 4, 0.25))
+    assert len(only_labels) == 3 and all(len(b) == 4 for b in only_labels)
+    natural = MixedBatchSampler(annotated, unannotated, 4, None, max_batches=2)
+    assert len(list(natural)) == 2
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def _data(n=12, n_annotated=4):
+    dataset = FakeLesionDataset(n=n, size=64, n_annotated=n_annotated)
+    return TrainingData(dataset, dataset.annotated, dataset.unannotated)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    def config(epochs):
+        cfg = small_config(train={"epochs": epochs, "batch_size": 4, "max_steps_per_epoch": 2},
+                           optim={"lr": 0.01, "step_epochs": 1}, data={"annotated_fraction": 0.25})
+        cfg["method"] = "gren"
+        return cfg
+
+    data = _data()
+    straight = fit(config(2), tmp_path / "straight", data)
+    fit(config(1), tmp_path / "resumed", data)  # "killed" after epoch 1
+    resumed = fit(config(2), tmp_path / "resumed", data, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [line["loss"] for line in straight] == [line["loss"] for line in resumed]
+    lines = [json.loads(s) for s in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert {"total", "box", "mil", "intra", "inter"} == set(lines[1]["loss"])
+    assert lines[1]["lr"] == pytest.approx(0.001) and lines[1]["images_per_s"] > 0
+    assert (tmp_path / "resumed" / "checkpoints" / "epoch_001.pt").is_file()
+    assert any((tmp_path / "resumed" / "tb").iterdir())
+
+
+def test_box_loss_falls_on_a_synthetic_lesion_task(tmp_path):
+    dataset = FakeLesionDataset(n=32, size=48, n_annotated=32)  # 3 x 3 cells of 16 px, 12 px lesions
+    config = small_config(train={"epochs": 3, "batch_size": 4}, optim={"lr": 0.01, "step_epochs": 10},
+                          data={"annotated_fraction": None, "size": 48})
+    config["method"] = "baseline"
+    data = TrainingData(dataset, dataset.annotated, dataset.unannotated)
+    losses = []
+
+    from gren.methods.base import GridMILMethod
+
+    original = GridMILMethod.losses
+
+    def recording(self, outputs, batch):
+        parts = original(self, outputs, batch)
+        losses.append(parts["box"].item())
+        return parts
+
+    GridMILMethod.losses = recording
+    try:
+        fit(config, tmp_path / "run", data)
+    finally:
+        GridMILMethod.losses = original
+    assert len(losses) == 24
+    start, end = sum(losses[:3]) / 3, sum(losses[-4:]) / 4
+    assert end < 0.2 * start, (start, end)
+
+
+def test_non_finite_loss_is_a_clear_error(tmp_path):
+    config = small_config(train={"epochs": 1, "max_steps_per_epoch": 3}, optim={"lr": 1e12})
+    config["method"] = "baseline"
+    with pytest.raises(GrenError, match="not finite"):
+        fit(config, tmp_path / "run", _data())
+
+
+def test_saved_config_is_the_resolved_one(tmp_path, monkeypatch):
+    from gren.train import engine
+
+    def fake_open(data_path, config, run_dir):
+        return _data(8, 4)
+
+    monkeypatch.setattr(engine, "open_training_data", fake_open)
+    overrides = ["model.backbone=resnet18", "model.output_stride=16", "model.head_hidden=16", "data.size=64",
+                 "data.workers=0", "device.device=cpu", "train.epochs=1", "train.max_steps_per_epoch=1"]
+    engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2, overrides=overrides)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"] == "gren-intra" and saved["data"]["protocol"] == "1.0_0.4" and saved["data"]["fold"] == 2
+    with pytest.raises(GrenError, match="already holds a trained run"):
+        engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2, overrides=overrides)
+    with pytest.raises(GrenError, match="different config.*optim.lr"):
+        engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2,
+                     overrides=overrides + ["optim.lr=0.5"], resume=True)
