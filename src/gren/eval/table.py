@@ -69,13 +69,17 @@ def table_rows(results: Results, thresholds: Sequence[float] = IOU_THRESHOLDS) -
 
 
 def _best(rows: list[dict], column: str) -> float | None:
+    """The largest value of ``column`` in ``rows``; None when missing everywhere or when all rows tie."""
     values = [r[column] for r in rows if r.get(column) is not None]
-    return max(values) if values else None
+    if not values or (len(values) == len(rows) and min(values) == max(values)):
+        return None
+    return max(values)
 
 
 def markdown_table(results: Results, title: str = "Cross-validation", thresholds: Sequence[float] = IOU_THRESHOLDS,
                    digits: int = 2) -> str:
-    """The markdown tables (accuracy, IoBB, AUC); the best mean of each column within a block is bold."""
+    """The markdown tables (accuracy, IoBB, AUC); the best mean of each column within a block is bold
+    (nothing is bold in a column where every method ties)."""
     rows = table_rows(results, thresholds)
     n_folds = sorted({len(f) for f in results.values()})
     lines = [f"# {title}", "",
