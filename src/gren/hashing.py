@@ -1,0 +1,482 @@
+"""Batched perceptual hash (pHash), bit-exact with ``imagehash.phash(image, 8, 4)``, and Hamming distances.
+
+What ``imagehash.phash`` computes (imagehash 4.3.2 on Pillow 13), and how this module reproduces it:
+
+1. ``image.convert('L')``: done by :func:`gren.data.io.pil_to_gray` for PIL input (same luma formula;
+   16-bit images are mapped to 8 bits by their bit depth, where imagehash would clip them at 255).
+   Tensor / array input must already be uint8 grayscale.
+2. ``resize((32, 32), LANCZOS)``: Pillow's separable fixed-point resampling. Per input length the
+   per-output Lanczos-3 weights are computed exactly as Pillow's ``precompute_coeffs`` does (same
+   double-precision arithmetic, normalised to sum 1), then quantised to integers with 22 fractional
+   bits (``normalize_coeffs_8bpc``). Each pass adds ``1 << 21``, shifts right by 22 and clips to 0..255,
+   so the intermediate image is uint8. Pass order is horizontal first, except that Pillow 13 runs the
+   vertical pass first when the height shrinks much more than the width (``H - 32 > 2 (W - 32)`` with
+   ``H > 32``, measured on Pillow 13.0; older Pillow is detected and always goes horizontal first).
+   A side already 32 pixels long is not resampled (Pillow skips that pass).
+   The integer sums are reproduced exactly: on CPU with int8 GEMMs (the coefficients split into three
+   signed base-256 digits, pixels shifted to -128..127, int32 accumulation, recombined in int64), on
+   other devices (CUDA) in float64, whose 53-bit mantissa holds the sums exactly.
+3. ``scipy.fftpack.dct(dct(pixels, axis=0), axis=1)``: unnormalised DCT-II. On CPU the same scipy
+   routine is called on the whole batch; on other devices ``C @ X @ C.T`` in float64 with
+   ``C[k, n] = 2 cos(pi k (2n + 1) / 64)``.
+4. ``low = dct[:8, :8]``; ``bits = low > median(low)`` (median of 64 values = mean of the 32nd and 33rd),
+   row-major over the 8 x 8 block. ``str(hash)`` is the 64 bits as 16 hex digits, first bit most
+   significant (:func:`to_hex`).
+
+Flat or striped images have low blocks whose values tie at the median; imagehash's bits are then
+floating-point noise and no implementation can match them. :func:`phash_with_margin` returns the
+distance of the nearest coefficient to the median so callers can tell such images apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+HASH_SIDE = 8
+"""Side of the low-frequency DCT block: 64 hash bits."""
+RESIZE_SIDE = 32
+"""Side of the image the DCT is taken on (hash_size 8 x highfreq_factor 4)."""
+HASH_BITS = HASH_SIDE * HASH_SIDE
+
+_PRECISION_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images (32 - 8 - 2)
+_ROUNDING = 1 << (_PRECISION_BITS - 1)
+_LANCZOS_SUPPORT = 3.0
+_ROWS_PER_GEMM = 4096  # rows per GEMM: temporaries stay in cache, no page faults per call
+
+TIE_MARGIN = 1e-6
+"""Images whose nearest low-block coefficient lies closer than this to the median are ties."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pillow's Lanczos coefficients
+# --------------------------------------------------------------------------------------------
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+def _lanczos(x: float) -> float:
+    if -3.0 <= x < 3.0:
+        return _sinc(x) * _sinc(x / 3)
+    return 0.0
+
+
+@functools.lru_cache(maxsize=8192)
+def lanczos_coefficients(in_size: int, out_size: int = RESIZE_SIDE) -> np.ndarray:
+    """Pillow's fixed-point LANCZOS weights for resampling one axis of ``in_size`` pixels to ``out_size``.
+
+    Returns int64 (out_size, in_size): output pixel ``o`` is
+    ``clip((sum_i w[o, i] * pixel[i] + 2**21) >> 22, 0, 255)``. Each row is zero outside Pillow's window
+    for that output. Computed with Python floats (C doubles, libm ``sin``) in Pillow's order of operations
+    so the quantised integers are identical; cached per size.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"resample sizes must be positive, got in_size={in_size}, out_size={out_size}")
+    scale = float(in_size) / out_size
+    filter_scale = max(scale, 1.0)
+    support = _LANCZOS_SUPPORT * filter_scale
+    inverse_scale = 1.0 / filter_scale
+    weights = np.zeros((out_size, in_size), dtype=np.int64)
+    one = float(1 << _PRECISION_BITS)
+    for out_index in range(out_size):
+        center = (out_index + 0.5) * scale
+        first = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - first
+        taps = [_lanczos((tap + first - center + 0.5) * inverse_scale) for tap in range(count)]
+        total = 0.0
+        for tap_weight in taps:
+            total += tap_weight
+        for tap, tap_weight in enumerate(taps):
+            if total != 0.0:
+                tap_weight = tap_weight / total
+            fixed = int(-0.5 + tap_weight * one) if tap_weight < 0 else int(0.5 + tap_weight * one)
+            weights[out_index, first + tap] = fixed
+    return weights
+
+
+@functools.lru_cache(maxsize=1)
+def _pillow_may_go_vertical_first() -> bool:
+    """Whether the installed Pillow uses the vertical-first rule (Pillow >= 13); probed once on a tall image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(12345)
+    tall = rng.integers(0, 256, size=(100, 40), dtype=np.uint8)
+    thumbnail = Image.fromarray(tall, mode="L").resize((RESIZE_SIDE, RESIZE_SIDE), Image.Resampling.LANCZOS)
+    reference = np.asarray(thumbnail)
+    horizontal_first = _resize_numpy_reference(tall, vertical_first=False)
+    return not np.array_equal(horizontal_first, reference)
+
+
+def vertical_first(height: int, width: int, out_size: int = RESIZE_SIDE) -> bool:
+    """True when Pillow resamples a ``height`` x ``width`` image vertically first (see the module docstring)."""
+    if height <= out_size or width == out_size:
+        return False
+    if (height - out_size) <= 2 * (width - out_size):
+        return False
+    return _pillow_may_go_vertical_first()
+
+
+def _resize_numpy_reference(image: np.ndarray, vertical_first: bool) -> np.ndarray:
+    """Plain int64 numpy version of the two passes (used to probe Pillow; slow, exact)."""
+
+    def one_pass(rows: np.ndarray) -> np.ndarray:
+        if rows.shape[1] == RESIZE_SIDE:
+            return rows
+        sums = rows.astype(np.int64) @ lanczos_coefficients(rows.shape[1]).T + _ROUNDING
+        return np.clip(sums >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+
+    if vertical_first:
+        return one_pass(one_pass(image.T).T)
+    return one_pass(one_pass(image).T).T
+
+
+# --------------------------------------------------------------------------------------------
+# One resampling pass on a batch of rows
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_gemm_available() -> bool:
+    if not hasattr(torch, "_int_mm"):
+        return False
+    try:
+        a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
+        b = torch.tensor([[1], [2], [3]], dtype=torch.int8).expand(3, 8).contiguous()
+        return bool((torch._int_mm(a, b) == 6).all())
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - depends on the torch build
+        return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _int8_digits(in_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Coefficients as three signed base-256 digits for the int8 GEMM.
+
+    Returns (int8 (3 * 32, in_size) with rows [digit0 | digit1 | digit2], numpy int32 (32,) the bias
+    ``128 * sum_i w[o, i] + 2**21`` that undoes the pixel shift ``p - 128`` and adds Pillow's rounding).
+    """
+    weights = lanczos_coefficients(in_size)  # (32, in_size)
+    digits = []
+    rest = weights.copy()
+    for _ in range(3):
+        digit = ((rest + 128) % 256) - 128
+        digits.append(digit)
+        rest = (rest - digit) // 256
+    if np.any(rest != 0):  # pragma: no cover - |w| <= 2**22 always fits three digits
+        raise AssertionError("Lanczos coefficient does not fit three base-256 digits")
+    stacked = np.concatenate(digits, axis=0).astype(np.int8)  # (96, in_size): column-major B for the GEMM
+    bias = (128 * weights.sum(axis=1) + _ROUNDING).astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(stacked)), bias
+
+
+@functools.lru_cache(maxsize=256)
+def _float64_coefficients(in_size: int, device: torch.device) -> torch.Tensor:
+    """float64 (in_size, 32) fixed-point coefficients (integers) on ``device``."""
+    return torch.from_numpy(lanczos_coefficients(in_size).T.copy()).to(device=device, dtype=torch.float64)
+
+
+def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
+    """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact."""
+    length = rows.shape[1]
+    if length == RESIZE_SIDE:
+        return rows
+    use_int8 = rows.device.type == "cpu" and _int8_gemm_available()
+    if use_int8:
+        pixels = rows.contiguous().numpy()
+        out = np.empty((rows.shape[0], RESIZE_SIDE), dtype=np.uint8)
+        for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
+            out[start : start + _ROWS_PER_GEMM] = _int8_pass(pixels[start : start + _ROWS_PER_GEMM])
+        return torch.from_numpy(out)
+    out = torch.empty((rows.shape[0], RESIZE_SIDE), dtype=torch.uint8, device=rows.device)
+    weights = _float64_coefficients(length, rows.device)
+    for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
+        chunk = rows[start : start + _ROWS_PER_GEMM]
+        sums = chunk.to(torch.float64) @ weights + _ROUNDING
+        values = torch.floor(sums / float(1 << _PRECISION_BITS))
+        out[start : start + chunk.shape[0]] = values.clamp_(0, 255)
+    return out
+
+
+_SIGN_FLIP_8X = np.uint64(0x8080808080808080)  # flips the top bit of 8 packed bytes: p -> p - 128 as int8
+
+
+def _int8_pass(pixels: np.ndarray) -> np.ndarray:
+    """CPU pass via an int8 GEMM: uint8 (R, L) contiguous -> uint8 (R, 32) Pillow outputs.
+
+    Pixels are shifted to ``q = p - 128`` (int8); the GEMM gives, per output, the three partial sums
+    ``P_j = sum_i q_i d_j[i]`` of the coefficient digits ``w = d_0 + 256 d_1 + 65536 d_2``. Pillow's
+    ``(sum_i p_i w_i + 2**21) >> 22`` is then ``(P_0 + 256 P_1 + 65536 P_2 + bias) >> 22`` with
+    ``bias = 128 sum_i w_i + 2**21``, evaluated in int32 without overflow by carrying ``P_1``'s high
+    bits into ``P_2``: with ``t = 256 (P_1 & 255) + P_0 + bias`` and ``u = P_2 + (P_1 >> 8) + (t >> 16)``
+    the sum is ``65536 u + (t & 65535)``, whose floor division by ``2**22`` is ``u >> 6``.
+    The elementwise steps run in numpy (single-threaded SIMD, in place) to keep temporaries small.
+    """
+    n_rows, length = pixels.shape
+    digits, bias = _int8_digits(length)
+    if pixels.size % 8 == 0:
+        shifted = np.bitwise_xor(pixels.reshape(-1).view(np.uint64), _SIGN_FLIP_8X)
+    else:
+        shifted = np.bitwise_xor(pixels, np.uint8(128))
+    shifted = shifted.view(np.int8).reshape(n_rows, length)
+    # column-major B is faster; for tiny L its strides are ambiguous to oneDNN, so go row-major there
+    weights = digits.t() if length >= 8 else digits.t().contiguous()
+    partial = torch._int_mm(torch.from_numpy(shifted), weights).numpy().reshape(n_rows, 3, RESIZE_SIDE)
+    p0, p1, p2 = partial[:, 0], partial[:, 1], partial[:, 2]
+    carry = np.bitwise_and(p1, 255)
+    carry <<= 8
+    carry += p0
+    carry += bias
+    carry >>= 16
+    carry += p2
+    high = p1 >> 8
+    high += carry
+    high >>= 6
+    np.clip(high, 0, 255, out=high)
+    return high.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Resize to 32 x 32
+# --------------------------------------------------------------------------------------------
+
+
+def pillow_lanczos_resize(images: torch.Tensor) -> torch.Tensor:
+    """``Image.resize((32, 32), LANCZOS)`` of a batch of same-size grayscale images, bit-exact.
+
+    ``images``: uint8 (B, H, W) on any device. Returns uint8 (B, 32, 32) on the same device.
+    """
+    _check_uint8_batch(images)
+    batch, height, width = images.shape
+    if batch == 0:
+        return images.new_zeros((0, RESIZE_SIDE, RESIZE_SIDE))
+    if vertical_first(height, width):
+        first = _resample_rows(images.transpose(1, 2).reshape(batch * width, height))  # (B*W, 32): [x, yy]
+        first = first.view(batch, width, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, width)
+        return _resample_rows(first).view(batch, RESIZE_SIDE, RESIZE_SIDE)  # [yy, xx]
+    first = _resample_rows(images.reshape(batch * height, width))  # (B*H, 32): [y, xx]
+    first = first.view(batch, height, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, height)
+    return _resample_rows(first).view(batch, RESIZE_SIDE, RESIZE_SIDE).transpose(1, 2).contiguous()
+
+
+def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Resize images of different sizes (uint8 (h_i, w_i), one device) to uint8 (N, 32, 32).
+
+    Pass inputs of equal length share one GEMM: first passes are grouped by the resampled length, the
+    second passes by the first pass's row count, so crops of many sizes still hash in few large calls.
+    """
+    count = len(images)
+    orders = [vertical_first(int(im.shape[0]), int(im.shape[1])) for im in images]
+    first_inputs = [im.t() if order else im for im, order in zip(images, orders)]  # (rows_i, length_i)
+
+    first_outputs: list[torch.Tensor | None] = [None] * count
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, rows in enumerate(first_inputs):
+        by_length[int(rows.shape[1])].append(index)
+    for members in by_length.values():
+        stacked = torch.cat([first_inputs[i].reshape(-1, first_inputs[i].shape[1]) for i in members])
+        resampled = _resample_rows(stacked)
+        offset = 0
+        for i in members:
+            n_rows = int(first_inputs[i].shape[0])
+            first_outputs[i] = resampled[offset : offset + n_rows]
+            offset += n_rows
+
+    device = images[0].device
+    result = torch.empty((count, RESIZE_SIDE, RESIZE_SIDE), dtype=torch.uint8, device=device)
+    by_rows: dict[int, list[int]] = defaultdict(list)
+    for index, out in enumerate(first_outputs):
+        by_rows[int(out.shape[0])].append(index)
+    for n_rows, members in by_rows.items():
+        stacked = torch.stack([first_outputs[i].t() for i in members]).reshape(-1, n_rows)
+        second = _resample_rows(stacked).view(len(members), RESIZE_SIDE, RESIZE_SIDE)
+        for slot, i in enumerate(members):
+            # horizontal-first: second pass output is [xx, yy]; vertical-first: [yy, xx]
+            result[i] = second[slot] if orders[i] else second[slot].t()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# DCT, median, bits
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _dct_matrix(device: torch.device) -> torch.Tensor:
+    """float64 (8, 32): the first 8 rows of scipy.fftpack's unnormalised DCT-II matrix."""
+    k = torch.arange(HASH_SIDE, dtype=torch.float64)[:, None]
+    n = torch.arange(RESIZE_SIDE, dtype=torch.float64)[None, :]
+    return (2.0 * torch.cos(math.pi * k * (2 * n + 1) / (2 * RESIZE_SIDE))).to(device)
+
+
+def _low_dct(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 32, 32) -> float64 (B, 8, 8): the top-left block of ``dct(dct(x, axis=0), axis=1)``."""
+    if pixels.device.type == "cpu":
+        import scipy.fftpack
+
+        array = pixels.numpy()
+        full = scipy.fftpack.dct(scipy.fftpack.dct(array, axis=1), axis=2)
+        return torch.from_numpy(np.ascontiguousarray(full[:, :HASH_SIDE, :HASH_SIDE]))
+    basis = _dct_matrix(pixels.device)
+    return basis @ pixels.to(torch.float64) @ basis.T
+
+
+def _bits_from_low(low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (B, 8, 8) -> (bool (B, 64) bits, float64 (B,) distance of the nearest value to the median)."""
+    flat = low.reshape(low.shape[0], HASH_BITS)
+    ordered = torch.sort(flat, dim=1).values
+    median = (ordered[:, HASH_BITS // 2 - 1] + ordered[:, HASH_BITS // 2]) / 2
+    bits = flat > median[:, None]
+    margin = (flat - median[:, None]).abs().amin(dim=1)
+    return bits, margin
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_uint8_batch(images: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 3:
+        raise ValueError(
+            f"expected a uint8 tensor (B, H, W) of grayscale images, got {images.dtype} {tuple(images.shape)}"
+        )
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise ValueError(f"images must be at least 1 x 1 pixels, got {tuple(images.shape[1:])}")
+
+
+def _to_gray_tensor(item) -> torch.Tensor:
+    """One list element (PIL image, uint8 2-D array or tensor) as uint8 (H, W) tensor."""
+    if isinstance(item, torch.Tensor):
+        tensor = item
+    elif isinstance(item, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(item))
+    else:
+        from PIL import Image
+
+        if not isinstance(item, Image.Image):
+            raise TypeError(
+                f"cannot hash a {type(item).__name__}: expected a PIL image or a uint8 (H, W) array"
+            )
+        from gren.data.io import pil_to_gray
+
+        tensor = torch.from_numpy(pil_to_gray(item))
+    if tensor.dtype != torch.uint8 or tensor.dim() != 2:
+        raise ValueError(f"expected a uint8 (H, W) grayscale image, got {tensor.dtype} {tuple(tensor.shape)}")
+    if tensor.shape[0] < 1 or tensor.shape[1] < 1:
+        raise ValueError(f"images must be at least 1 x 1 pixels, got {tuple(tensor.shape)}")
+    return tensor
+
+
+def resize32(x) -> torch.Tensor:
+    """The exact 32 x 32 LANCZOS thumbnails pHash is taken on: uint8 (B, 32, 32).
+
+    ``x`` as for :func:`phash`. Device follows a tensor input; CPU otherwise.
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        _check_uint8_batch(x)
+        return pillow_lanczos_resize(x)
+    items = [_to_gray_tensor(item) for item in x]
+    if not items:
+        return torch.zeros((0, RESIZE_SIDE, RESIZE_SIDE), dtype=torch.uint8)
+    devices = {item.device for item in items}
+    if len(devices) > 1:
+        raise ValueError(f"all images must be on one device, got {sorted(str(d) for d in devices)}")
+    shapes = {tuple(item.shape) for item in items}
+    if len(shapes) == 1:
+        return pillow_lanczos_resize(torch.stack(items))
+    return _resize_varied(items)
+
+
+def phash_with_margin(x) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`phash` plus, per image, the distance (DCT units) of the nearest low coefficient to the median.
+
+    A margin below :data:`TIE_MARGIN` means the bits of tied coefficients are floating-point noise
+    (flat or striped images); imagehash's output is then arbitrary too.
+    Returns (bool (B, 64), float64 (B,)), on the input's device.
+    """
+    thumbnails = resize32(x)
+    return _bits_from_low(_low_dct(thumbnails))
+
+
+def phash(x) -> torch.Tensor:
+    """Perceptual hashes of a batch of images, bit-exact with ``imagehash.phash`` (hash_size 8).
+
+    ``x``: a uint8 tensor or numpy array (B, H, W) (or (H, W) for one image) of grayscale pixels, or a
+    sequence of PIL images (any mode and size; converted as ``convert('L')``, 16-bit images by their bit
+    depth as :func:`gren.data.io.pil_to_gray` does) and / or uint8 (H, W) arrays or tensors of any sizes.
+    Returns a bool tensor (B, 64) in imagehash's bit order (row-major over the 8 x 8 low block,
+    bit = coefficient > median), on the input tensor's device (CPU for arrays and PIL images).
+    """
+    return phash_with_margin(x)[0]
+
+
+def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise Hamming distances: bool (N, 64) and bool (M, 64) -> int64 (N, M), counts 0..64."""
+    a, b = _as_bits(a, "a"), _as_bits(b, "b")
+    af, bf = a.to(torch.float32), b.to(torch.float32)
+    # |a xor b| = a.(1-b) + (1-a).b; float32 sums of at most 64 ones are exact
+    differing = af @ (1.0 - bf).T + (1.0 - af) @ bf.T
+    return differing.round().to(torch.int64)
+
+
+def hamming_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-aligned Hamming distances: bool (N, 64) and bool (N, 64) -> int64 (N,)."""
+    a, b = _as_bits(a, "a"), _as_bits(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"hamming_pairs needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a != b).sum(dim=-1)
+
+
+def _as_bits(bits, name: str) -> torch.Tensor:
+    if isinstance(bits, np.ndarray):
+        bits = torch.from_numpy(bits)
+    if bits.dim() == 1:
+        bits = bits.unsqueeze(0)
+    if bits.dim() != 2 or bits.shape[1] != HASH_BITS:
+        raise ValueError(f"{name}: expected hash bits (N, {HASH_BITS}), got {tuple(bits.shape)}")
+    return bits.to(torch.bool)
+
+
+def to_hex(bits) -> str | list[str]:
+    """Hash bits as imagehash prints them: bool (64,) -> 16 hex digits; (N, 64) -> list of N strings."""
+    tensor = torch.as_tensor(np.asarray(bits.cpu() if isinstance(bits, torch.Tensor) else bits))
+    single = tensor.dim() == 1
+    rows = _as_bits(tensor, "bits").to(torch.int64)
+    weights = torch.tensor([1 << (3 - i) for i in range(4)], dtype=torch.int64)
+    nibbles = (rows.view(-1, HASH_BITS // 4, 4) * weights).sum(dim=2)
+    texts = ["".join("0123456789abcdef"[v] for v in row) for row in nibbles.tolist()]
+    return texts[0] if single else texts
+
+
+def from_hex(text: str | Sequence[str]) -> torch.Tensor:
+    """Inverse of :func:`to_hex`: 16 hex digits -> bool (64,); a list of N strings -> bool (N, 64)."""
+    single = isinstance(text, str)
+    texts = [text] if single else list(text)
+    rows = []
+    for value in texts:
+        value = value.strip()
+        if len(value) != HASH_BITS // 4:
+            raise ValueError(f"expected {HASH_BITS // 4} hex digits, got {value!r}")
+        try:
+            number = int(value, 16)
+        except ValueError as err:
+            raise ValueError(f"not a hexadecimal hash: {value!r}") from err
+        rows.append([(number >> (HASH_BITS - 1 - i)) & 1 for i in range(HASH_BITS)])
+    bits = torch.tensor(rows, dtype=torch.bool).reshape(len(rows), HASH_BITS)
+    return bits[0] if single else bits
