@@ -230,8 +230,10 @@ def _int8_pass(pixels: np.ndarray) -> np.ndarray:
     else:
         shifted = np.bitwise_xor(pixels, np.uint8(128))
     shifted = shifted.view(np.int8).reshape(n_rows, length)
-    # column-major B is faster; for tiny L its strides are ambiguous to oneDNN, so go row-major there
-    weights = digits.t() if length >= 8 else digits.t().contiguous()
+    weights = digits.t()  # column-major B: the faster layout for oneDNN
+    if length < 8:  # a (R, 1) operand has ambiguous strides for oneDNN: pad K with zero taps
+        shifted = np.pad(shifted, ((0, 0), (0, 8 - length)))
+        weights = torch.nn.functional.pad(digits, (0, 8 - length)).t()
     partial = torch._int_mm(torch.from_numpy(shifted), weights).numpy().reshape(n_rows, 3, RESIZE_SIDE)
     p0, p1, p2 = partial[:, 0], partial[:, 1], partial[:, 2]
     carry = np.bitwise_and(p1, 255)
