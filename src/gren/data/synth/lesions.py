@@ -41,7 +41,13 @@ from gren.data.synth.raster import (
     radial_wobble,
     smooth_noise,
 )
-from gren.data.synth.stats import BOX_STATS, CARDIOMEGALY_CX, sample_box_centre_uv, sample_box_size
+from gren.data.synth.stats import (
+    BOX_STATS,
+    CARDIOMEGALY_CX,
+    PLACEMENT_CALIBRATION,
+    sample_box_centre_uv,
+    sample_box_size,
+)
 
 FOOTPRINT_LEVEL = 1.0 / 3.0  # alpha above this share of its peak counts as the lesion
 HARD_DENSITY = 0.4  # a "hard" lesion is drawn this much fainter ...
@@ -149,10 +155,12 @@ def _target(ctx: LesionContext, label: str, side: str, hard: bool):
     """A box-class lesion's centre (canonical x, y) and size (w, h) from the real statistics."""
     stats = BOX_STATS[label]
     geom = ctx.anatomy.lungs[side]
+    du, dv, width_factor, height_factor = PLACEMENT_CALIBRATION.get(label, (0.0, 0.0, 1.0, 1.0))
     width, height = sample_box_size(ctx.rng, stats, HARD_SIZE if hard else 1.0)
-    width = min(width, 0.85 * (geom.lateral - geom.medial))
-    height = min(height, 0.7 * (geom.base - geom.apex))
+    width = min(width * width_factor, 0.95 * (geom.lateral - geom.medial))
+    height = min(height * height_factor, 0.7 * (geom.base - geom.apex))
     u, v = sample_box_centre_uv(ctx.rng, stats)
+    u, v = float(np.clip(u + du, 0.08, 0.92)), float(np.clip(v + dv, 0.06, 0.94))
     return lung_point(ctx.anatomy, side, u, v), width, height
 
 
@@ -170,7 +178,7 @@ def _place(ctx: LesionContext, label: str, side: str, hard: bool, draw, tries: i
         share = float(clipped.sum()) / max(float(raw.sum()), 1e-6)
         if share > best_share:
             best, best_share = clipped, share
-        if share >= 0.7:
+        if share >= 0.5:
             break
     return best
 
@@ -275,7 +283,9 @@ def _effusion(ctx: LesionContext, side: str, hard: bool) -> list[LesionPatch]:
     anatomy, rng = ctx.anatomy, ctx.rng
     geom = anatomy.lungs[side]
     _, _, height = _target(ctx, "Effusion", side, hard)
-    height = float(np.clip(height, 70.0, 0.6 * (geom.base - geom.apex)))
+    # The box of a basal effusion ends at the costophrenic angle; the fluid is drawn 1.25x the sampled
+    # height so that the drawn boxes' heights match the real ones (their centres then sit ~70 px lower).
+    height = float(np.clip(1.25 * height, 70.0, 0.65 * (geom.base - geom.apex)))
     lateral_top = geom.base - height
     medial_level = lateral_top + height * rng.uniform(0.15, 0.4)  # the meniscus climbs laterally
     d = np.linspace(0.0, geom.lateral + 90.0, 16)
@@ -306,25 +316,32 @@ def _pneumothorax(ctx: LesionContext, side: str, hard: bool) -> list[LesionPatch
     """Air between the chest wall and the collapsed lung: dark, no markings, a thin pleural line."""
     anatomy, rng = ctx.anatomy, ctx.rng
     geom = anatomy.lungs[side]
-    _, width, height = _target(ctx, "Pneumothorax", side, hard)
+    centre, width, height = _target(ctx, "Pneumothorax", side, hard)
     span = geom.lateral - geom.medial
-    collapse = float(np.clip(1.0 - 0.45 * width / (0.88 * span), 0.55, 0.9))
+    collapse = float(np.clip(1.0 - 0.4 * width / span, 0.55, 0.92))
     anchor = lung_point(anatomy, side, 0.12, 0.7)
     outline = lung_outline(anatomy, side)
     collapsed = anchor + (outline - anchor) * collapse
-    cut = geom.apex + float(np.clip(height, 100.0, 0.8 * (geom.base - geom.apex)))
+    # Air between rows top..cut: apical when the sampled box reaches the apex, else a lateral band.
+    top = centre[1] - height / 2
+    top = geom.apex - 50.0 if top < geom.apex + 80.0 else top
+    cut = float(np.clip(centre[1] + height / 2, geom.apex + 100.0, geom.base - 40.0))
     image, draw = ctx.canvas.new_layer()
     ctx.canvas.polygon(draw, outline, 255)
     ctx.canvas.polygon(draw, collapsed, 0)
     sign = SIDE_SIGN[side]
     below = [(anatomy.midline, cut), (anatomy.midline + sign * 700, cut + 60 * rng.uniform(0.5, 1.5)),
              (anatomy.midline + sign * 700, 1100), (anatomy.midline, 1100)]
+    above = [(anatomy.midline, top), (anatomy.midline + sign * 700, top), (anatomy.midline + sign * 700, -100),
+             (anatomy.midline, -100)]
     ctx.canvas.polygon(draw, below, 0)
+    ctx.canvas.polygon(draw, above, 0)
     air = ctx.canvas.soften(image, 6.0)
     air = _in_lung(ctx, air, side)
     line_image, draw = ctx.canvas.new_layer()
     ctx.canvas.line(draw, np.vstack([collapsed, collapsed[:1]]), 255, 5.0)
     ctx.canvas.polygon(draw, below, 0)
+    ctx.canvas.polygon(draw, above, 0)
     pleural_line = ctx.canvas.soften(line_image, 2.5) * ctx.lung_soft(side)
     density = -_density(ctx, 0.2, 0.3, hard)
     return [LesionPatch(air, density, ctx.box_of(air), clears_vessels=True),

@@ -83,6 +83,22 @@ AGE_MEAN_STD = (46.6, 16.6)
 NOMINAL_LUNG = {"medial": 60.0, "lateral": 400.0, "apex": 130.0, "base": 820.0}
 
 
+# Calibration of the drawn boxes against the real ones. A lesion is clipped to the visible lung (the
+# heart and the diaphragm cut into the lower, medial field), so the drawn footprints come out higher,
+# more lateral and smaller than the sampled targets. These offsets of the target centre (in normalised
+# lung coordinates u, v) and factors on its width and height were read off benchmarks/bench_synth.py
+# (1,500 films, synthetic vs real means) so that the *drawn* boxes' means match BOX_STATS.
+# Effusion and Pneumothorax are shaped by the lung outline (meniscus, collapsed lung) and are sized
+# inside their renderers; Cardiomegaly is the heart itself.
+PLACEMENT_CALIBRATION: dict[str, tuple[float, float, float, float]] = {  # du, dv, width x, height x
+    "Atelectasis": (-0.17, 0.2, 1.45, 1.2),
+    "Infiltration": (-0.2, 0.2, 1.7, 1.35),
+    "Mass": (-0.08, 0.03, 1.15, 1.1),
+    "Nodule": (0.0, 0.10, 0.8, 0.8),
+    "Pneumonia": (-0.17, 0.2, 1.4, 1.3),
+}
+
+
 def sample_box_size(rng: np.random.Generator, stats: BoxStats, scale: float = 1.0) -> tuple[float, float]:
     """A (width, height) in 1024-space pixels from the class's log-normal size model.
 
