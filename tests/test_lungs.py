@@ -11,7 +11,7 @@ from PIL import Image
 
 from gren.cli import main as gren_main
 from gren.errors import DataError, GrenError
-from gren.lungs.classical import ClassicalSegmenter, prior_mask
+from gren.lungs.classical import LUNG_OUTLINE, ClassicalSegmenter, outline_from_masks, prior_mask
 from gren.lungs.dice import lung_dice, summarize_dice
 from gren.lungs.folder import find_samples, load_pairs, read_mask
 from gren.lungs.segment import load_segmenter, segment_lungs
@@ -90,6 +90,21 @@ def test_classical_on_synth_generator_films():
         masks, _ = segmenter.segment(case.image[None])
         scores.append(lung_dice(masks[0], case.lung_mask).mean())
     assert np.mean(scores) > 0.8, scores
+
+
+def test_outline_from_masks_follows_the_masks():
+    truths = [synthetic_chest(200, 200, seed=s)[1] for s in range(3)]
+    outline = outline_from_masks(truths)
+    assert set(outline) == {1, 2} and len(outline[1]) > 10
+    ys, lefts, rights = np.array(outline[1]).T
+    # The synthetic lung 1 is an ellipse centred at x = 0.29, y = 0.44 (frame fractions).
+    assert abs(ys[np.argmax(rights - lefts)] - 0.44) < 0.05
+    assert abs((lefts + rights).mean() / 2 - 0.29) < 0.03
+    assert np.array(outline[2])[:, 1].min() > 0.5  # lung 2 on the image right
+    image = synthetic_chest(200, 200, seed=7)[0]
+    masks, fallback = ClassicalSegmenter(outline=outline).segment(image[None])
+    assert not fallback[0] and lung_dice(masks[0], synthetic_chest(200, 200, seed=7)[1]).min() > 0.85
+    assert outline != LUNG_OUTLINE
 
 
 @pytest.mark.parametrize("kind", ["blank", "noise"])

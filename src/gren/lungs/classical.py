@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Per-lung outline: rows (y, x_left, x_right) as fractions of the frame (0 = top/left, 1 = bottom/right).
 # The 0.5 level set of the mean of the 90 real masks in ../shared/data/lungs (512 px, sampled every
 # 1/32 of the height): a compact parametric shape, not the masks themselves.
-LUNG_OUTLINE: dict[int, tuple[tuple[float, float, float], ...]] = {
+LUNG_OUTLINE: dict[int, tuple[tuple[float, float, float], ...]] = {  # = outline_from_masks(the 90 masks)
     1: (
         (0.1406, 0.297, 0.426), (0.1719, 0.250, 0.441), (0.2031, 0.215, 0.441), (0.2344, 0.199, 0.441),
         (0.2656, 0.184, 0.441), (0.2969, 0.164, 0.438), (0.3281, 0.156, 0.438), (0.3594, 0.145, 0.434),
@@ -58,13 +58,44 @@ _ROW_HALF_STEP = 1.0 / 64.0  # half the spacing of the outline rows
 PRIOR_SCALE = 1.15
 
 
+Outline = dict[int, tuple[tuple[float, float, float], ...]]
+
+
+def outline_from_masks(masks: list[np.ndarray] | np.ndarray, level: float = 0.5) -> Outline:
+    """The per-lung outline table from label masks (each uint8 (H, W) with 0/1/2, any size).
+
+    Masks are resized to 256 x 256 (nearest) and averaged per label; each 8th row (at its centre)
+    gives the first and last column where the mean reaches ``level``. This is how
+    :data:`LUNG_OUTLINE` was made from the 90 real masks; the benchmark uses it to rebuild the
+    outline from the training folds only.
+    """
+    total = {1: np.zeros((256, 256)), 2: np.zeros((256, 256))}
+    for mask in masks:
+        small = resize_labels(np.asarray(mask, np.uint8), 256, 256)
+        for label in (1, 2):
+            total[label] += small == label
+    outline: Outline = {}
+    for label in (1, 2):
+        mean = total[label] / max(len(masks), 1)
+        rows = []
+        for row in range(4, 256, 8):
+            columns = np.nonzero(mean[row] >= level)[0]
+            if len(columns):
+                rows.append((round(row / 256, 4), round(float(columns[0]) / 256, 3),
+                             round(float(columns[-1] + 1) / 256, 3)))
+        if len(rows) < 2:
+            raise ValueError(f"lung {label}: the masks' mean never reaches {level} on two rows")
+        outline[label] = tuple(rows)
+    return outline
+
+
 def render_outline(label: int, size: int, scale_x: float = 1.0, scale_y: float = 1.0,
-                   shift_x: float = 0.0, shift_y: float = 0.0) -> np.ndarray:
+                   shift_x: float = 0.0, shift_y: float = 0.0, outline: Outline | None = None) -> np.ndarray:
     """The lung outline of ``label`` (1 or 2) as a bool mask (size, size) in frame pixels.
 
     Scales are about the outline's bounding-box centre; shifts are fractions of the frame.
     """
-    rows = np.asarray(LUNG_OUTLINE[label], dtype=np.float64)
+    rows = np.asarray((outline or LUNG_OUTLINE)[label], dtype=np.float64)
     ys, x_lo, x_hi = rows[:, 0], rows[:, 1], rows[:, 2]
     y_top, y_bottom = ys[0] - _ROW_HALF_STEP, ys[-1] + _ROW_HALF_STEP
     cy, cx = (y_top + y_bottom) / 2, (x_lo.min() + x_hi.max()) / 2
@@ -133,6 +164,7 @@ class ClassicalSegmenter:
         min_contrast: a fit whose contrast (darkness units, [0, 0.5]) is below this is a failure.
         outside_penalty: darkness given to air outside the body (negative: "not lung").
         use_midline: split the sides at the spine column (else at the body frame's centre).
+        outline: the lung outline table (default :data:`LUNG_OUTLINE`; see :func:`outline_from_masks`).
     """
 
     name = "classical"
@@ -140,7 +172,7 @@ class ClassicalSegmenter:
     def __init__(self, work_size: int = 256, fit_size: int = 128,
                  scales: tuple[float, ...] = (0.95, 1.05, 1.15, 1.25, 1.35), max_shift: float = 1 / 6,
                  refine_weight: float = 4.0, prior_blur: float = 0.03, min_contrast: float = 0.04,
-                 outside_penalty: float = 0.1, use_midline: bool = True):
+                 outside_penalty: float = 0.1, use_midline: bool = True, outline: Outline | None = None):
         self.work_size = work_size
         self.fit_size = fit_size
         self.scales = tuple(scales)
@@ -150,6 +182,7 @@ class ClassicalSegmenter:
         self.min_contrast = min_contrast
         self.outside_penalty = outside_penalty
         self.use_midline = use_midline
+        self.outline = outline
         self._filters = {label: self._matched_filters(label) for label in (1, 2)}
 
     def _matched_filters(self, label: int) -> list[tuple[float, float, np.ndarray]]:
@@ -159,7 +192,7 @@ class ClassicalSegmenter:
         filters = []
         for scale_x in self.scales:
             for scale_y in self.scales:
-                inside = render_outline(label, n, scale_x, scale_y)
+                inside = render_outline(label, n, scale_x, scale_y, outline=self.outline)
                 ring = ndi.binary_dilation(inside, iterations=ring_width) & ~inside
                 kernel = inside / max(inside.sum(), 1) - ring / max(ring.sum(), 1)
                 # Correlation via FFT: score[s] = sum_p kernel(p) z(p + s), circular over n (shifts
@@ -250,7 +283,7 @@ class ClassicalSegmenter:
         scores = []
         for label in (1, 2):
             fit = fits[label]
-            template = _render_rect(label, fh, fw, fit)
+            template = _render_rect(label, fh, fw, fit, self.outline)
             if self.refine_weight > 0:
                 blurred = ndi.gaussian_filter(template.astype(np.float32), self.prior_blur * max(fh, fw), truncate=2.5)
                 prob = np.clip(blurred, 1e-3, 1 - 1e-3)
@@ -319,10 +352,10 @@ class ClassicalSegmenter:
         return masks, fallback
 
 
-def _render_rect(label: int, height: int, width: int, fit: FitResult) -> np.ndarray:
+def _render_rect(label: int, height: int, width: int, fit: FitResult, outline: Outline | None = None) -> np.ndarray:
     """The fitted outline rendered on a (height, width) frame (the fit is in frame fractions)."""
     side = max(height, width)
-    square = render_outline(label, side, fit.scale_x, fit.scale_y, fit.shift_x, fit.shift_y)
+    square = render_outline(label, side, fit.scale_x, fit.scale_y, fit.shift_x, fit.shift_y, outline)
     if (height, width) == (side, side):
         return square
     return resize_labels(square.astype(np.uint8), height, width).astype(bool)
