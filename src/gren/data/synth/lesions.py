@@ -314,7 +314,7 @@ def _tilt_like_lung(anatomy: Anatomy, side: str, points: np.ndarray) -> np.ndarr
 @renderer("Pneumothorax")
 def _pneumothorax(ctx: LesionContext, side: str, hard: bool) -> list[LesionPatch]:
     """Air between the chest wall and the collapsed lung: dark, no markings, a thin pleural line."""
-    anatomy, rng = ctx.anatomy, ctx.rng
+    anatomy = ctx.anatomy
     geom = anatomy.lungs[side]
     centre, width, height = _target(ctx, "Pneumothorax", side, hard)
     span = geom.lateral - geom.medial
@@ -322,22 +322,24 @@ def _pneumothorax(ctx: LesionContext, side: str, hard: bool) -> list[LesionPatch
     anchor = lung_point(anatomy, side, 0.12, 0.7)
     outline = lung_outline(anatomy, side)
     collapsed = anchor + (outline - anchor) * collapse
-    # Air between rows top..cut: apical when the sampled box reaches the apex, else a lateral band.
-    top = centre[1] - height / 2
-    top = geom.apex - 50.0 if top < geom.apex + 80.0 else top
-    cut = float(np.clip(centre[1] + height / 2, geom.apex + 100.0, geom.base - 40.0))
+    # Air over the apex and down the lateral wall to the bottom of the sampled box (an erect film:
+    # pleural air rises), fading out below it.
+    top = geom.apex - 50.0
+    cut = float(np.clip(centre[1] + height / 2, geom.apex + 120.0, geom.base - 60.0))
     image, draw = ctx.canvas.new_layer()
     ctx.canvas.polygon(draw, outline, 255)
     ctx.canvas.polygon(draw, collapsed, 0)
     sign = SIDE_SIGN[side]
-    below = [(anatomy.midline, cut), (anatomy.midline + sign * 700, cut + 60 * rng.uniform(0.5, 1.5)),
-             (anatomy.midline + sign * 700, 1100), (anatomy.midline, 1100)]
+    below = [(anatomy.midline, cut), (anatomy.midline + sign * 700, cut), (anatomy.midline + sign * 700, 1100),
+             (anatomy.midline, 1100)]
     above = [(anatomy.midline, top), (anatomy.midline + sign * 700, top), (anatomy.midline + sign * 700, -100),
              (anatomy.midline, -100)]
-    ctx.canvas.polygon(draw, below, 0)
-    ctx.canvas.polygon(draw, above, 0)
     air = ctx.canvas.soften(image, 6.0)
-    air = _in_lung(ctx, air, side)
+    # Fade in and out over ~40 px at the top and bottom of the band (image rows of the posed film).
+    (_, top_row), (_, cut_row) = ctx.canvas.to_image([(anatomy.midline, top), (anatomy.midline, cut)])
+    _, rows = pixel_grid(ctx.canvas.size)
+    fade = np.clip((rows - top_row) / 40.0, 0.0, 1.0) * np.clip((cut_row - rows) / 40.0 + 0.5, 0.0, 1.0)
+    air = _in_lung(ctx, air * fade, side)
     line_image, draw = ctx.canvas.new_layer()
     ctx.canvas.line(draw, np.vstack([collapsed, collapsed[:1]]), 255, 5.0)
     ctx.canvas.polygon(draw, below, 0)
