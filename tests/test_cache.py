@@ -31,7 +31,9 @@ from gren.errors import DataError, GrenError
 
 # prepare needs the lung segmenter and the lung hashes
 pytest.importorskip("gren.lungs.segment")
-lung_hashes = pytest.importorskip("gren.lungs.regions").lung_hashes
+regions = pytest.importorskip("gren.lungs.regions")
+lung_hashes, lung_crops = regions.lung_hashes, regions.lung_crops
+phash = pytest.importorskip("gren.hashing").phash
 
 SIZE = 32
 CHUNK = 2
@@ -164,6 +166,9 @@ def test_round_trip_images_masks_boxes_labels_hashes(raw_dir, reference):
         expected_hashes = expected_hashes[0]
     np.testing.assert_array_equal(cache.lung_hashes, np.asarray(expected_hashes, dtype=bool))
     assert cache.lung_hashes.any()
+    for row in range(len(cache)):  # and, spelled out, gren.hashing.phash of the cached lung crops
+        right, left = lung_crops(np.array(cache.images[row]), np.array(cache.lung_masks[row]))
+        np.testing.assert_array_equal(cache.lung_hashes[row], phash([right, left]).numpy())
     assert not (out / fmt.WORK_DIR).exists()
 
 

@@ -216,17 +216,12 @@ class _ChunkWriter:
 
 
 def _lung_hashes(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``gren.lungs.regions.lung_hashes`` on uint8 (B, S, S) images and masks -> (bool (B, 2, 64), bool (B,))."""
-    import torch
-
+    """:func:`gren.lungs.regions.lung_hashes` of uint8 (B, S, S) images and masks -> (bool (B, 2, 64),
+    bool (B,): a lung of the image was empty or tiny in its mask and got the prior box)."""
     from gren.lungs.regions import lung_hashes
 
-    result = lung_hashes(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.ascontiguousarray(masks)))
-    if isinstance(result, tuple):
-        hashes, fallback = result
-        fallback = _as_numpy(fallback, np.bool_).reshape(-1)
-    else:
-        hashes, fallback = result, np.zeros(len(images), dtype=bool)
+    hashes, fallback = lung_hashes(images, masks, return_fallback=True)
+    fallback = _as_numpy(fallback, np.bool_).reshape(len(images), -1).any(axis=1)
     return _as_numpy(hashes, np.bool_).reshape(len(images), 2, 64), fallback
 
 
