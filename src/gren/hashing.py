@@ -33,8 +33,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -50,7 +52,8 @@ HASH_BITS = HASH_SIDE * HASH_SIDE
 _PRECISION_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images (32 - 8 - 2)
 _ROUNDING = 1 << (_PRECISION_BITS - 1)
 _LANCZOS_SUPPORT = 3.0
-_ROWS_PER_GEMM = 4096  # rows per GEMM: temporaries stay in cache, no page faults per call
+_ROWS_PER_GEMM = 2048  # rows per CPU GEMM: temporaries stay in cache
+_ROWS_PER_TASK = 4096  # image rows per CPU worker task
 
 TIE_MARGIN = 1e-6
 """Images whose nearest low-block coefficient lies closer than this to the median are ties."""
@@ -187,6 +190,33 @@ def _float64_coefficients(in_size: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(lanczos_coefficients(in_size).T.copy()).to(device=device, dtype=torch.float64)
 
 
+def _single_threaded_worker() -> None:
+    torch.set_num_threads(1)  # OpenMP thread counts are per thread: the caller's setting is unchanged
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool_of(workers: int) -> ThreadPoolExecutor:
+    # keyed by process id: a pool inherited through fork (DataLoader workers) has no threads
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(
+            workers, thread_name_prefix="gren-phash", initializer=_single_threaded_worker
+        )
+    return _POOLS[key]
+
+
+def _cpu_pool() -> ThreadPoolExecutor:
+    """Workers for the CPU passes: as many as torch's intra-op threads, each running single-threaded.
+
+    Sub-batches are independent, so parallelism across them needs no synchronisation inside an op;
+    this keeps many small ops (lung crops of many sizes) cheap and degrades gracefully when the cores
+    are shared with other processes (OpenMP barriers after every small op do not).
+    """
+    return _pool_of(max(1, torch.get_num_threads()))
+
+
 def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
     """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact."""
     length = rows.shape[1]
@@ -258,11 +288,24 @@ def pillow_lanczos_resize(images: torch.Tensor) -> torch.Tensor:
     """``Image.resize((32, 32), LANCZOS)`` of a batch of same-size grayscale images, bit-exact.
 
     ``images``: uint8 (B, H, W) on any device. Returns uint8 (B, 32, 32) on the same device.
+    On CPU, sub-batches of about :data:`_ROWS_PER_TASK` rows run on :func:`_cpu_pool`'s workers.
     """
     _check_uint8_batch(images)
     batch, height, width = images.shape
     if batch == 0:
         return images.new_zeros((0, RESIZE_SIDE, RESIZE_SIDE))
+    if images.device.type != "cpu":
+        return _resize_same_size(images)
+    per_task = max(1, _ROWS_PER_TASK // max(height, width))
+    if batch <= per_task:
+        return _cpu_pool().submit(_resize_same_size, images).result()
+    parts = list(_cpu_pool().map(_resize_same_size, images.split(per_task)))
+    return torch.cat(parts)
+
+
+def _resize_same_size(images: torch.Tensor) -> torch.Tensor:
+    """Serial body of :func:`pillow_lanczos_resize`: uint8 (B, H, W), B >= 1 -> uint8 (B, 32, 32)."""
+    batch, height, width = images.shape
     if vertical_first(height, width):
         first = _resample_rows(images.transpose(1, 2).reshape(batch * width, height))  # (B*W, 32): [x, yy]
         first = first.view(batch, width, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, width)
@@ -402,7 +445,12 @@ def resize32(x) -> torch.Tensor:
     shapes = {tuple(item.shape) for item in items}
     if len(shapes) == 1:
         return pillow_lanczos_resize(torch.stack(items))
-    return _resize_varied(items)
+    if items[0].device.type != "cpu":
+        return _resize_varied(items)
+    workers = max(1, torch.get_num_threads())
+    share = -(-len(items) // workers)
+    parts = [items[start : start + share] for start in range(0, len(items), share)]
+    return torch.cat(list(_cpu_pool().map(_resize_varied, parts)))
 
 
 def phash_with_margin(x) -> tuple[torch.Tensor, torch.Tensor]:
