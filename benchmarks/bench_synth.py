@@ -36,6 +36,7 @@ from gren.data.labels import BOX_CLASSES
 from gren.data.synth import make_plan, render_case, synthesize
 from gren.data.synth.plan import IMAGE_STREAM, PATIENT_STREAM
 from gren.data.synth.stats import BOX_STATS
+from gren.data.synth.writer import PNG_COMPRESS_LEVEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench_synth")
@@ -62,7 +63,7 @@ def breakdown(size: int, count: int = 60) -> dict:
                            patient_rng=np.random.default_rng([0, PATIENT_STREAM, plan.patient_id]))
         mid = time.process_time()
         for array in (case.image, case.lung_mask):
-            Image.fromarray(array).save(io.BytesIO(), format="PNG")
+            Image.fromarray(array).save(io.BytesIO(), format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         encode_s += time.process_time() - mid
         render_s += mid - start
     return {"size": size, "render_ms": round(1000 * render_s / count, 2), "png_ms": round(1000 * encode_s / count, 2)}

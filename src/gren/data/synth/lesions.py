@@ -318,14 +318,14 @@ def _pneumothorax(ctx: LesionContext, side: str, hard: bool) -> list[LesionPatch
     geom = anatomy.lungs[side]
     centre, width, height = _target(ctx, "Pneumothorax", side, hard)
     span = geom.lateral - geom.medial
-    collapse = float(np.clip(1.0 - 0.4 * width / span, 0.55, 0.92))
-    anchor = lung_point(anatomy, side, 0.12, 0.7)
+    collapse = float(np.clip(1.0 - 0.3 * width / span, 0.6, 0.92))
+    anchor = lung_point(anatomy, side, 0.0, 0.45)  # the collapsed lung hangs from the hilum
     outline = lung_outline(anatomy, side)
     collapsed = anchor + (outline - anchor) * collapse
     # Air over the apex and down the lateral wall to the bottom of the sampled box (an erect film:
     # pleural air rises), fading out below it.
     top = geom.apex - 50.0
-    cut = float(np.clip(centre[1] + height / 2, geom.apex + 120.0, geom.base - 60.0))
+    cut = float(np.clip(centre[1] + 0.25 * height, geom.apex + 100.0, geom.base - 60.0))
     image, draw = ctx.canvas.new_layer()
     ctx.canvas.polygon(draw, outline, 255)
     ctx.canvas.polygon(draw, collapsed, 0)

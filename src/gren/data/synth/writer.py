@@ -38,6 +38,7 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 BBOX_CLASS_NAME = {"Infiltration": "Infiltrate"}  # the spelling BBox_List_2017 uses
 ORIGINAL_SIZE = 1024  # the CSVs describe 1024 x 1024 originals; boxes are in that space
 PIXEL_SPACING_MM = 0.39  # a ~400 mm field over 1024 pixels
+PNG_COMPRESS_LEVEL = 1
 OUTPUTS = (DATA_ENTRY_NAME, BBOX_NAME, MANIFEST_NAME, PREVIEW_NAME)
 OUTPUT_DIRS = ("images", "masks")
 
@@ -48,8 +49,11 @@ def _render_and_save(task) -> tuple[int, list[dict]]:
     rng = np.random.default_rng([seed, IMAGE_STREAM, plan.index])
     patient_rng = np.random.default_rng([seed, PATIENT_STREAM, plan.patient_id])
     case = render_case(rng, size, plan.spec, patient_rng=patient_rng)
-    Image.fromarray(case.image).save(Path(out_dir) / "images" / f"{plan.image_id}.png", format="PNG")
-    Image.fromarray(case.lung_mask).save(Path(out_dir) / "masks" / f"{plan.image_id}.png", format="PNG")
+    # zlib level 1: ~40 % faster to encode than the default 6, files ~15 % larger.
+    Image.fromarray(case.image).save(Path(out_dir) / "images" / f"{plan.image_id}.png", format="PNG",
+                                     compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(case.lung_mask).save(Path(out_dir) / "masks" / f"{plan.image_id}.png", format="PNG",
+                                         compress_level=PNG_COMPRESS_LEVEL)
     findings = [{"label": f.label, "side": f.side, "boxed": f.boxed, "hard": f.hard, "boxes": f.boxes}
                 for f in case.findings]
     return plan.index, findings
