@@ -116,6 +116,23 @@ def test_tensor_input_shapes_and_device():
         phash(["not an image"])
 
 
+def test_float64_path_used_off_cpu_is_exact_too(monkeypatch, nih_dir):
+    """The non-CPU code path (float64 GEMM resize, matmul DCT), run on the CPU."""
+    import gren.hashing as hashing
+
+    paths = sorted((nih_dir / "images").iterdir())[:8]
+    batch = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("L")) for p in paths]))
+    rng = np.random.default_rng(11)
+    odd = torch.from_numpy(smooth_image(rng, 130, 47)).unsqueeze(0)
+    expected_resize = (hashing.resize32(batch), hashing.resize32(odd))
+    expected_bits = hashing.phash(batch)
+    monkeypatch.setattr(hashing, "_int8_gemm_available", lambda: False)
+    assert torch.equal(hashing.resize32(batch), expected_resize[0])
+    assert torch.equal(hashing.resize32(odd), expected_resize[1])
+    low = hashing._low_dct_matmul(expected_resize[0])
+    assert torch.equal(hashing._bits_from_low(low)[0], expected_bits)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     rng = np.random.default_rng(7)

@@ -373,6 +373,11 @@ def _low_dct(pixels: torch.Tensor) -> torch.Tensor:
         array = pixels.numpy()
         full = scipy.fftpack.dct(scipy.fftpack.dct(array, axis=1), axis=2)
         return torch.from_numpy(np.ascontiguousarray(full[:, :HASH_SIDE, :HASH_SIDE]))
+    return _low_dct_matmul(pixels)
+
+
+def _low_dct_matmul(pixels: torch.Tensor) -> torch.Tensor:
+    """The same block as ``C @ X @ C.T`` in float64 on the pixels' device (CUDA path)."""
     basis = _dct_matrix(pixels.device)
     return basis @ pixels.to(torch.float64) @ basis.T
 
