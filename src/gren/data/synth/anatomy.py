@@ -311,7 +311,7 @@ def draw_anatomy(canvas: Canvas, anatomy: Anatomy, rng: np.random.Generator) -> 
     canvas.polygon(draw, [(m - 16, -20), (m + 16, -20), (m + 14, car), (m - 14, car)], 95)
     canvas.line(draw, [(m, car - 5), (m - 75, car + 70)], 80, 20)
     canvas.line(draw, [(m, car - 5), (m + 80, car + 80)], 80, 20)
-    lungs = canvas.soften(air_image, 7.0, smooth=True)
+    lungs = canvas.soften(air_image, 7.0)
 
     cardio_image, draw = canvas.new_layer()
     if anatomy.breasts:
@@ -321,7 +321,7 @@ def draw_anatomy(canvas: Canvas, anatomy: Anatomy, rng: np.random.Generator) -> 
             canvas.polygon(draw, ellipse_points(cx, geom.base - 40.0, 190.0, 140.0, 0.0, 32), 60)
     canvas.polygon(draw, mediastinum_outline(anatomy), 235)
     canvas.polygon(draw, heart_outline(anatomy), 255)
-    cardio = canvas.soften(cardio_image, 8.0, smooth=True)
+    cardio = canvas.soften(cardio_image, 8.0)
 
     bones_image, draw = canvas.new_layer()
     _draw_spine(canvas, draw, anatomy)

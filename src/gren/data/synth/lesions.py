@@ -93,7 +93,7 @@ class LesionContext:
         if side not in self._sides:
             image = Image.fromarray(self.layers.lung_mask).point(
                 lambda v, keep=SIDE_MASK_VALUE[side]: 255 if v == keep else 0)
-            self._sides[side] = self.canvas.soften(image, 7.0, smooth=True)
+            self._sides[side] = self.canvas.soften(image, 7.0)
         return self._sides[side]
 
     def shape(self, points, blur_px: float, fill: int = 255) -> np.ndarray:
