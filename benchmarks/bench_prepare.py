@@ -30,11 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from gren.data.cache import CacheDataset, PreparedCache
 from gren.data.dataset import RawDataset, collate
+from gren.data.io import read_gray_resized
 from gren.data.nih import find_bbox_csv, find_data_entry_csv, find_image_files, load_index
 from gren.data.prepare import prepare_cache
 from gren.paths import shared_data_dir
@@ -98,6 +100,24 @@ def loader_items_per_s(dataset, n: int, workers: int, batch_size: int) -> float:
     return rate
 
 
+def stage_ms_per_image(cache: PreparedCache, lungs_segmenter: str, n: int) -> dict[str, float]:
+    """Milliseconds per image of prepare's stages (one process, one thread) on the first ``n`` records."""
+    from gren.lungs.regions import lung_hashes
+    from gren.lungs.segment import load_segmenter
+
+    paths = cache.records["path"].tolist()[:n]
+    started = time.perf_counter()
+    images = np.stack([read_gray_resized(path, cache.size) for path in paths])
+    decoded = time.perf_counter()
+    masks, _ = load_segmenter(lungs_segmenter).segment(images)
+    segmented = time.perf_counter()
+    lung_hashes(images, masks)
+    hashed = time.perf_counter()
+    return {"decode_resize": round((decoded - started) / n * 1e3, 2),
+            "segment": round((segmented - decoded) / n * 1e3, 2),
+            "hash": round((hashed - segmented) / n * 1e3, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=shared_data_dir() / "nih")
@@ -129,16 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         raw = RawDataset(load_index(data_dir, on_bad_image="skip"), args.size, image_ids=cache.image_ids,
                          on_bad_image="skip")
         n = min(args.read_n, len(cache))
-        rates: dict[str, list[float]] = {"cache": [], "raw": [], "cache_loader": [], "raw_loader": []}
+        rates: dict[str, list[float]] = {"cache": [], "raw": [], "cache_loader0": [], "cache_loader": [],
+                                         "raw_loader": []}
         loader_workers = max(1, min(args.workers, 2))
         items_per_s(cached, min(n, 32)), items_per_s(raw, min(n, 32))  # warm up imports and page cache
         for round_ in range(args.rounds):
             rates["cache"].append(items_per_s(cached, n))
             rates["raw"].append(items_per_s(raw, n))
+            rates["cache_loader0"].append(loader_items_per_s(cached, n, 0, args.batch_size))
             rates["cache_loader"].append(loader_items_per_s(cached, n, loader_workers, args.batch_size))
             rates["raw_loader"].append(loader_items_per_s(raw, n, loader_workers, args.batch_size))
             log.info("round %d: %s", round_, {k: round(v[-1], 1) for k, v in rates.items()})
         best = {k: max(v) for k, v in rates.items()}
+        stages = stage_ms_per_image(cache, "classical", min(64, len(cache)))
         result = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{cpu_model()} ({os.cpu_count()} CPUs), {platform.platform()}",
@@ -147,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "prepare": {"images": summary["n_images"], "failed": summary["n_failed"], "workers": args.workers,
                         "seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
                         "bytes_per_image": summary["bytes_per_image"], "mask_sources": summary["mask_sources"],
-                        "fallback": summary["n_fallback"]},
+                        "fallback": summary["n_fallback"], "stage_ms_per_image_1_thread": stages},
             "read": {"items_per_round": n, "rounds": args.rounds, "loader_workers": loader_workers,
                      "batch_size": args.batch_size,
                      "items_per_s_best": {k: round(v, 1) for k, v in best.items()},
@@ -175,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| single process | {ips['cache']:.0f} | {ips['raw']:.0f} | {read['speedup_single_process']:.1f}x |",
         f"| DataLoader ({read['loader_workers']} workers, batch {read['batch_size']}) | {ips['cache_loader']:.0f} | "
         f"{ips['raw_loader']:.0f} | {read['speedup_dataloader']:.1f}x |",
+        f"| cache via DataLoader, 0 workers (in-process, batch {read['batch_size']}) | {ips['cache_loader0']:.0f} | "
+        f"{ips['raw']:.0f} (single process) | {ips['cache_loader0'] / ips['raw']:.1f}x |",
         "",
         f"Best of {read['rounds']} alternating rounds of {read['items_per_round']} items each (DataLoader: "
         "after one untimed epoch that starts its workers).",
@@ -182,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`prepare`: {prep['images']} images in {prep['seconds']:.1f} s with {prep['workers']} workers = "
         f"{prep['images_per_s']:.1f} images/s (decode, resize, lung masks {prep['mask_sources']}, "
         f"{prep['fallback']} prior fallbacks, lung hashes); {prep['bytes_per_image'] / 1e3:.1f} kB per image "
-        f"on disk; {prep['failed']} unreadable.",
+        f"on disk; {prep['failed']} unreadable. Per image, one thread: decode + resize "
+        f"{stages['decode_resize']:.1f} ms, classical lung segmentation {stages['segment']:.1f} ms, "
+        f"two lung hashes {stages['hash']:.1f} ms.",
         "",
     ]
     (args.out / "prepare.md").write_text("\n".join(md))

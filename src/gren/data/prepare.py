@@ -553,10 +553,7 @@ def _prepare_locked(data_dir: Path, out_dir: Path, size: int, lungs_spec: LungsS
     if not len(records):
         raise DataError(f"{data_dir}: no listed image was found on disk; nothing to prepare")
     image_ids = records["image_id"].astype(str).tolist()
-    missing = list(getattr(index, "missing", []))
-    if missing:
-        log.warning("%s: %d listed images are not on disk (e.g. %s); they are left out", data_dir, len(missing),
-                    ", ".join(missing[:3]))
+    missing = list(getattr(index, "missing", []))  # load_index has logged them
 
     meta = fmt.read_meta(out_dir)
     if meta is None or "chunk_size" not in meta:
@@ -583,6 +580,9 @@ def _prepare_locked(data_dir: Path, out_dir: Path, size: int, lungs_spec: LungsS
     counts = _finalise(out_dir, work, index, records, markers, size)
     counts["failures"] = _index_failures(index) + counts["failures"]
     counts["n_failed"] = len(counts["failures"])
+    if counts["n_images"] == 0:
+        raise DataError(f"{data_dir}: none of the {len(records)} images could be decoded (e.g. "
+                        f"{counts['failures'][0]['error']}); nothing to train on")
     for failure in counts["failures"][:_MAX_LOGGED_FAILURES]:
         log.warning("skipped unreadable image %s", failure["error"])
     if counts["n_failed"] > _MAX_LOGGED_FAILURES:
