@@ -23,11 +23,11 @@ def hand_made(height: int = 60, width: int = 80) -> tuple[np.ndarray, np.ndarray
 
 def test_crops_sides_and_mirroring():
     image, mask = hand_made()
-    right, left = lung_crops(image, mask, mirror_left=False)
+    right, left = lung_crops(image, mask, mirror_left=False, fill="keep")
     assert right.shape == (40, 25) and left.shape == (36, 30)
     assert np.array_equal(right, image[10:50, 5:30])
     assert np.array_equal(left, image[12:48, 45:75])
-    _, mirrored = lung_crops(image, mask, mirror_left=True)
+    _, mirrored = lung_crops(image, mask, mirror_left=True, fill="keep")
     assert np.array_equal(mirrored, left[:, ::-1])
     assert mirrored[0, 0] == image[12, 74]  # lateral chest wall now on the left, as for the right lung
 
@@ -51,6 +51,7 @@ def test_empty_mask_falls_back_to_prior_box():
     assert fallback.tolist() == [False, True]
     assert tuple(boxes[1]) == prior_box(2, 60, 80)
     right, left, flags = lung_crops_with_fallback(image, mask, mirror_left=False)
+    assert np.array_equal(right, image[10:50, 5:30])  # a full rectangle: mean fill changes nothing
     x0, y0, x1, y1 = prior_box(2, 60, 80)
     assert np.array_equal(left, image[y0:y1, x0:x1]) and flags.tolist() == [False, True]
     # an all-empty mask: both priors, nothing crashes, image-left / image-right halves
