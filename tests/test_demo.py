@@ -25,6 +25,10 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     for name in ("training_curves.png", "hash_similarity.png", "localization.png"):
         assert (out / "figures" / name).stat().st_size > 1000
 
+    # a demo run evaluates standalone: the data comes from OUT/ablation/crossval.json
+    assert main(["evaluate", "--run", str(out / "ablation" / "gren" / "fold_0"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_boxes"] == result["n_boxes"]
+
     # rerun: nothing is trained again
     mtime = (out / "ablation" / "gren" / "fold_0" / "checkpoints" / "last.pt").stat().st_mtime_ns
     from gren.eval.demo import DemoSettings, run_demo

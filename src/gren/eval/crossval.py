@@ -101,7 +101,7 @@ def run_crossval(
         raise GrenError(f"--data {data}: not found")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"data": str(data), "methods": methods, "protocol": protocol, "folds": folds,
+    manifest = {"data": str(Path(data).resolve()), "methods": methods, "protocol": protocol, "folds": folds,
                 "config": None if config_file is None else str(config_file), "overrides": overrides}
     previous = _read_manifest(out)
     if previous:

@@ -162,10 +162,18 @@ def read_split(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def open_run_data(config: dict, data: str | os.PathLike | None, run_dir: str | os.PathLike):
-    """The :class:`~gren.data.cache.PreparedCache` for a run: ``data`` when given, else the run's own."""
+    """The :class:`~gren.data.cache.PreparedCache` for a run: ``data`` when given, else the one recorded in
+    its config (``data.path``), else the ``data`` of a ``crossval.json`` two levels up (crossval/demo runs)."""
     from gren.data.source import open_prepared
 
     path = data if data is not None else run_data_path(config)
+    if path is None:  # a crossval / demo run: OUT/<method>/fold_<k>, with OUT/crossval.json naming the data
+        manifest = Path(run_dir).parent.parent / "crossval.json"
+        if manifest.is_file():
+            try:
+                path = json.loads(manifest.read_text()).get("data")
+            except json.JSONDecodeError:
+                path = None
     if path is None:
         raise GrenError(f"{run_dir}/config.yaml does not record the training data; pass --data DIR|CACHE")
     if not Path(path).exists():

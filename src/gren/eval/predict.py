@@ -235,12 +235,19 @@ def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], reg
         draw.rectangle(box, outline=GREEN, width=line)
         draw.text((box[0] + line, box[3] - line), f"GT {item['label']}", fill=GREEN, font=font, anchor="lb",
                   stroke_width=max(1, line // 2), stroke_fill=(0, 60, 0))
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far, to avoid overprinting
     for k in classes:
         for region in regions.get(k, []):
             box = scaled(region["box"])
             draw.rectangle(box, outline=RED, width=line)
             text = LABELS[k] if probabilities is None else f"{LABELS[k]} {probabilities[k]:.2f}"
-            draw.text((box[0] + line, box[1] + line), text, fill=(255, 235, 235), font=font,
+            x, y = box[0] + line, box[1] + line
+            left, top, right, bottom = draw.textbbox((x, y), text, font=font, stroke_width=max(1, line // 2))
+            step = bottom - top + line
+            while any(left < r and right > lf and top < b and bottom > t for lf, t, r, b in placed):
+                y, top, bottom = y + step, top + step, bottom + step
+            placed.append((left, top, right, bottom))
+            draw.text((x, y), text, fill=(255, 235, 235), font=font,
                       stroke_width=max(1, line // 2), stroke_fill=(120, 0, 0))
     return base
 
