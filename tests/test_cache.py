@@ -202,10 +202,11 @@ def test_killed_prepare_is_refused_then_resumed_to_the_same_cache(raw_dir, refer
     with pytest.raises(DataError, match="incomplete cache.*rerun `gren prepare"):
         PreparedCache(out)
 
-    summary = prepare_cache(raw_dir, out, size=SIZE, workers=1, chunk_size=CHUNK, progress=False)
-    assert summary["chunks_skipped"] == 2
+    # open_prepared resumes an interrupted cache from the data folder recorded in it, with its chunk size
+    resumed, uninterrupted = open_prepared(out, size=SIZE, workers=1), PreparedCache(reference[0])
+    summary = resumed.summary
+    assert summary["chunks_skipped"] == 2 and summary["chunks_total"] == 4  # 8 decodable headers / 2
     assert summary["chunks_processed"] == summary["chunks_total"] - 2
-    resumed, uninterrupted = PreparedCache(out), PreparedCache(reference[0])
     assert resumed.image_ids == uninterrupted.image_ids
     for name, values in _arrays(uninterrupted).items():
         np.testing.assert_array_equal(getattr(resumed, name), values, err_msg=name)
