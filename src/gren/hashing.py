@@ -163,14 +163,8 @@ def _int8_gemm_available() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=4096)
-def _int8_digits(in_size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Coefficients as three signed base-256 digits for the int8 GEMM.
-
-    Returns (int8 (3 * 32, in_size) with rows [digit0 | digit1 | digit2], numpy int32 (32,) the bias
-    ``128 * sum_i w[o, i] + 2**21`` that undoes the pixel shift ``p - 128`` and adds Pillow's rounding).
-    """
-    weights = lanczos_coefficients(in_size)  # (32, in_size)
+def _signed_digits(weights: np.ndarray) -> np.ndarray:
+    """int64 (n, w) weights -> int8 (3 n, w): rows [digit0 (n) | digit1 (n) | digit2 (n)], base 256, signed."""
     digits = []
     rest = weights.copy()
     for _ in range(3):
@@ -179,9 +173,40 @@ def _int8_digits(in_size: int) -> tuple[torch.Tensor, np.ndarray]:
         rest = (rest - digit) // 256
     if np.any(rest != 0):  # pragma: no cover - |w| <= 2**22 always fits three digits
         raise AssertionError("Lanczos coefficient does not fit three base-256 digits")
-    stacked = np.concatenate(digits, axis=0).astype(np.int8)  # (96, in_size): column-major B for the GEMM
-    bias = (128 * weights.sum(axis=1) + _ROUNDING).astype(np.int32)
-    return torch.from_numpy(np.ascontiguousarray(stacked)), bias
+    return np.ascontiguousarray(np.concatenate(digits, axis=0).astype(np.int8))
+
+
+_MIN_GEMM_DEPTH = 8  # oneDNN misreads the strides of an operand with a single column; keep K >= 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _int8_bands(in_size: int) -> tuple[tuple[int, int, int, int, int, torch.Tensor, np.ndarray], ...]:
+    """The int8 GEMM operands of one pass, split into bands of outputs.
+
+    Each output reads only a window of ~6 x scale input pixels, so the 32 outputs are split into groups
+    (4 groups of 8 for inputs of 128 pixels or more) and each group multiplies only the input columns
+    its windows cover. Per band: (first input column, last + 1, first output, last + 1, zero columns to
+    pad the input with, int8 digits (3 n, w), int32 (n,) bias
+    ``128 sum_i w_i + 2**21``).
+    """
+    weights = lanczos_coefficients(in_size)  # (32, in_size)
+    groups = 4 if in_size >= 4 * RESIZE_SIDE else 1
+    per_group = RESIZE_SIDE // groups
+    bands = []
+    for group in range(groups):
+        rows = weights[group * per_group : (group + 1) * per_group]
+        used = np.flatnonzero(rows.any(axis=0))
+        first, last = int(used[0]), int(used[-1]) + 1
+        if last - first < _MIN_GEMM_DEPTH:
+            first = max(0, min(first, in_size - _MIN_GEMM_DEPTH))
+            last = min(in_size, first + _MIN_GEMM_DEPTH)
+        pad = max(0, _MIN_GEMM_DEPTH - (last - first))
+        digits = _signed_digits(np.pad(rows[:, first:last], ((0, 0), (0, pad))))
+        bias = (128 * rows.sum(axis=1) + _ROUNDING).astype(np.int32)
+        bands.append(
+            (first, last, group * per_group, (group + 1) * per_group, pad, torch.from_numpy(digits), bias)
+        )
+    return tuple(bands)
 
 
 @functools.lru_cache(maxsize=256)
@@ -243,7 +268,7 @@ _SIGN_FLIP_8X = np.uint64(0x8080808080808080)  # flips the top bit of 8 packed b
 
 
 def _int8_pass(pixels: np.ndarray) -> np.ndarray:
-    """CPU pass via an int8 GEMM: uint8 (R, L) contiguous -> uint8 (R, 32) Pillow outputs.
+    """CPU pass via an int8 GEMM: uint8 (R, L) contiguous -> uint8 (R, 32) Pillow outputs (a transposed view).
 
     Pixels are shifted to ``q = p - 128`` (int8); the GEMM gives, per output, the three partial sums
     ``P_j = sum_i q_i d_j[i]`` of the coefficient digits ``w = d_0 + 256 d_1 + 65536 d_2``. Pillow's
@@ -251,32 +276,36 @@ def _int8_pass(pixels: np.ndarray) -> np.ndarray:
     ``bias = 128 sum_i w_i + 2**21``, evaluated in int32 without overflow by carrying ``P_1``'s high
     bits into ``P_2``: with ``t = 256 (P_1 & 255) + P_0 + bias`` and ``u = P_2 + (P_1 >> 8) + (t >> 16)``
     the sum is ``65536 u + (t & 65535)``, whose floor division by ``2**22`` is ``u >> 6``.
-    The elementwise steps run in numpy (single-threaded SIMD, in place) to keep temporaries small.
+    Outputs are computed in bands (:func:`_int8_bands`) so the GEMM skips the zero weights outside
+    each band's windows. The elementwise steps run in numpy (single-threaded SIMD, in place).
     """
     n_rows, length = pixels.shape
-    digits, bias = _int8_digits(length)
     if pixels.size % 8 == 0:
         shifted = np.bitwise_xor(pixels.reshape(-1).view(np.uint64), _SIGN_FLIP_8X)
     else:
         shifted = np.bitwise_xor(pixels, np.uint8(128))
     shifted = shifted.view(np.int8).reshape(n_rows, length)
-    weights = digits.t()  # column-major B: the faster layout for oneDNN
-    if length < 8:  # a (R, 1) operand has ambiguous strides for oneDNN: pad K with zero taps
-        shifted = np.pad(shifted, ((0, 0), (0, 8 - length)))
-        weights = torch.nn.functional.pad(digits, (0, 8 - length)).t()
-    partial = torch._int_mm(torch.from_numpy(shifted), weights).numpy().reshape(n_rows, 3, RESIZE_SIDE)
-    p0, p1, p2 = partial[:, 0], partial[:, 1], partial[:, 2]
-    carry = np.bitwise_and(p1, 255)
-    carry <<= 8
-    carry += p0
-    carry += bias
-    carry >>= 16
-    carry += p2
-    high = p1 >> 8
-    high += carry
-    high >>= 6
-    np.clip(high, 0, 255, out=high)
-    return high.astype(np.uint8)
+    out = np.empty((RESIZE_SIDE, n_rows), dtype=np.uint8)  # outputs-major: contiguous per output
+    for first, last, out_first, out_last, pad, digits, bias in _int8_bands(length):
+        band = shifted[:, first:last]
+        if pad:
+            band = np.pad(band, ((0, 0), (0, pad)))
+        # (3 n, w) @ (w, R): digits-major output, so every elementwise step below is contiguous
+        partial = torch._int_mm(digits, torch.from_numpy(band).t()).numpy()
+        n = out_last - out_first
+        p0, p1, p2 = partial[:n], partial[n : 2 * n], partial[2 * n :]
+        carry = np.bitwise_and(p1, 255)
+        carry <<= 8
+        carry += p0
+        carry += bias[:, None]
+        carry >>= 16
+        carry += p2
+        high = p1 >> 8
+        high += carry
+        high >>= 6
+        np.clip(high, 0, 255, out=high)
+        out[out_first:out_last] = high
+    return out.T
 
 
 # --------------------------------------------------------------------------------------------
