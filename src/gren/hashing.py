@@ -250,10 +250,11 @@ def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
     use_int8 = rows.device.type == "cpu" and _int8_gemm_available()
     if use_int8:
         pixels = rows.contiguous().numpy()
-        out = np.empty((rows.shape[0], RESIZE_SIDE), dtype=np.uint8)
+        out = np.empty((RESIZE_SIDE, rows.shape[0]), dtype=np.uint8)  # outputs-major
         for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
-            out[start : start + _ROWS_PER_GEMM] = _int8_pass(pixels[start : start + _ROWS_PER_GEMM])
-        return torch.from_numpy(out)
+            stop = start + _ROWS_PER_GEMM
+            _int8_pass(pixels[start:stop], out[:, start:stop])
+        return torch.from_numpy(out).t()  # (R, 32) view
     out = torch.empty((rows.shape[0], RESIZE_SIDE), dtype=torch.uint8, device=rows.device)
     weights = _float64_coefficients(length, rows.device)
     for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
@@ -267,8 +268,8 @@ def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
 _SIGN_FLIP_8X = np.uint64(0x8080808080808080)  # flips the top bit of 8 packed bytes: p -> p - 128 as int8
 
 
-def _int8_pass(pixels: np.ndarray) -> np.ndarray:
-    """CPU pass via an int8 GEMM: uint8 (R, L) contiguous -> uint8 (R, 32) Pillow outputs (a transposed view).
+def _int8_pass(pixels: np.ndarray, out: np.ndarray) -> None:
+    """CPU pass via an int8 GEMM: uint8 (R, L) contiguous -> Pillow outputs written to ``out`` uint8 (32, R).
 
     Pixels are shifted to ``q = p - 128`` (int8); the GEMM gives, per output, the three partial sums
     ``P_j = sum_i q_i d_j[i]`` of the coefficient digits ``w = d_0 + 256 d_1 + 65536 d_2``. Pillow's
@@ -285,7 +286,6 @@ def _int8_pass(pixels: np.ndarray) -> np.ndarray:
     else:
         shifted = np.bitwise_xor(pixels, np.uint8(128))
     shifted = shifted.view(np.int8).reshape(n_rows, length)
-    out = np.empty((RESIZE_SIDE, n_rows), dtype=np.uint8)  # outputs-major: contiguous per output
     for first, last, out_first, out_last, pad, digits, bias in _int8_bands(length):
         band = shifted[:, first:last]
         if pad:
@@ -305,7 +305,6 @@ def _int8_pass(pixels: np.ndarray) -> np.ndarray:
         high >>= 6
         np.clip(high, 0, 255, out=high)
         out[out_first:out_last] = high
-    return out.T
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,11 +336,11 @@ def _resize_same_size(images: torch.Tensor) -> torch.Tensor:
     batch, height, width = images.shape
     if vertical_first(height, width):
         first = _resample_rows(images.transpose(1, 2).reshape(batch * width, height))  # (B*W, 32): [x, yy]
-        first = first.view(batch, width, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, width)
-        return _resample_rows(first).view(batch, RESIZE_SIDE, RESIZE_SIDE)  # [yy, xx]
+        first = first.reshape(batch, width, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, width)
+        return _resample_rows(first).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).contiguous()  # [yy, xx]
     first = _resample_rows(images.reshape(batch * height, width))  # (B*H, 32): [y, xx]
-    first = first.view(batch, height, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, height)
-    return _resample_rows(first).view(batch, RESIZE_SIDE, RESIZE_SIDE).transpose(1, 2).contiguous()
+    first = first.reshape(batch, height, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, height)
+    return _resample_rows(first).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).transpose(1, 2).contiguous()
 
 
 def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
