@@ -53,7 +53,7 @@ _PRECISION_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images (32 - 8 - 2)
 _ROUNDING = 1 << (_PRECISION_BITS - 1)
 _LANCZOS_SUPPORT = 3.0
 _ROWS_PER_GEMM = 2048  # rows per CPU GEMM: temporaries stay in cache
-_ROWS_PER_TASK = 4096  # image rows per CPU worker task
+_ROWS_PER_TASK = 16384  # image rows per CPU worker task
 
 TIE_MARGIN = 1e-6
 """Images whose nearest low-block coefficient lies closer than this to the median are ties."""
