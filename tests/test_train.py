@@ -175,3 +175,6 @@ def test_saved_config_is_the_resolved_one(tmp_path, monkeypatch):
     with pytest.raises(GrenError, match="different config.*optim.lr"):
         engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2,
                      overrides=overrides + ["optim.lr=0.5"], resume=True)
+    history = engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2,
+                           overrides=overrides + ["train.epochs=2"], resume=True)  # extend the run by one epoch
+    assert [line["epoch"] for line in history] == [1, 2]

@@ -45,6 +45,25 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a ^ b).sum(dim=-1)
 
 
+@torch.no_grad()
+def lung_cell_weights(lung_masks: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Area fraction of each cell of an ``h x w`` grid covered by each lung: ``(B, H, W)`` uint8 -> ``(B, 2, h, w)``.
+
+    Area averaging (``adaptive_avg_pool2d`` of the one-hot masks); when the cells tile the image
+    exactly, a reshape-and-count does the same without materialising float masks.
+    """
+    batch, height, width = lung_masks.shape
+    grid_h, grid_w = grid_hw
+    if height % grid_h == 0 and width % grid_w == 0:
+        cells = lung_masks.reshape(batch, grid_h, height // grid_h, grid_w, width // grid_w)
+        per_cell = (height // grid_h) * (width // grid_w)
+        right = (cells == 1).sum(dim=(2, 4), dtype=torch.float32)
+        left = (cells == 2).sum(dim=(2, 4), dtype=torch.float32)
+        return torch.stack([right, left], dim=1) / per_cell
+    one_hot = torch.stack([lung_masks == 1, lung_masks == 2], dim=1).float()
+    return F.adaptive_avg_pool2d(one_hot, grid_hw)
+
+
 def lung_features(features: torch.Tensor, lung_masks: torch.Tensor, eps: float = 1e-6
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-lung feature vectors.
@@ -57,8 +76,7 @@ def lung_features(features: torch.Tensor, lung_masks: torch.Tensor, eps: float =
         ``lung_vectors (B, 2, C)``, L2-normalised masked means (zeros for an empty lung), and
         ``lung_area (B, 2)``, the fraction of the feature grid each lung covers.
     """
-    one_hot = torch.stack([lung_masks == 1, lung_masks == 2], dim=1).to(features.dtype)  # (B, 2, H, W)
-    weights = F.adaptive_avg_pool2d(one_hot, features.shape[-2:])  # (B, 2, h, w), area fractions
+    weights = lung_cell_weights(lung_masks, tuple(features.shape[-2:])).to(features.dtype)  # (B, 2, h, w)
     area = weights.sum(dim=(-2, -1))  # (B, 2) in cells
     pooled = torch.einsum("bkhw,bchw->bkc", weights, features) / area.clamp_min(eps)[..., None]
     cells = features.shape[-2] * features.shape[-1]
