@@ -36,13 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gren.hashing import hamming, hamming_pairs
+
 HASH_BITS = 64
 FORMS = ("pull", "paper", "contrastive")
-
-
-def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamming distance of bool hashes ``(..., bits)`` broadcast against each other -> int64 ``(...)``."""
-    return (a ^ b).sum(dim=-1)
 
 
 @torch.no_grad()
@@ -105,13 +102,14 @@ def pairwise_euclidean_unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor
 
 def hash_intra_dissimilarity(lung_hashes: torch.Tensor) -> torch.Tensor:
     """``(B, 2, 64)`` bool -> ``(B,)`` float: ``H(right, left) / 64`` (eq. 4)."""
-    return hamming(lung_hashes[:, 0], lung_hashes[:, 1]).float() / HASH_BITS
+    return hamming_pairs(lung_hashes[:, 0], lung_hashes[:, 1]).float() / HASH_BITS
 
 
 def hash_inter_dissimilarity(lung_hashes: torch.Tensor) -> torch.Tensor:
     """``(N, 2, 64)`` bool -> ``(N, N)`` float: ``(H(l_u, l_v) + H(r_u, r_v)) / 128`` (eq. 6)."""
-    per_lung = hamming(lung_hashes[:, None], lung_hashes[None, :])  # (N, N, 2)
-    return per_lung.sum(dim=-1).float() / (2 * HASH_BITS)
+    right = hamming(lung_hashes[:, 0], lung_hashes[:, 0])  # (N, N)
+    left = hamming(lung_hashes[:, 1], lung_hashes[:, 1])
+    return (right + left).float() / (2 * HASH_BITS)
 
 
 def cosine_intra_dissimilarity(lung_vectors: torch.Tensor) -> torch.Tensor:
