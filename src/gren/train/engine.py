@@ -104,6 +104,8 @@ def select_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GrenError(f"device.device={spec} but CUDA is not available here; use device.device=cpu")
+    if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
