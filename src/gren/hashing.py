@@ -34,6 +34,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,7 @@ _ROUNDING = 1 << (_PRECISION_BITS - 1)
 _LANCZOS_SUPPORT = 3.0
 _ROWS_PER_GEMM = 2048  # rows per CPU GEMM: temporaries stay in cache
 _ROWS_PER_TASK = 16384  # image rows per CPU worker task
+_ROWS_PER_FLOAT64_GEMM = 1 << 16  # rows per float64 GEMM (CUDA path): bounds the float64 temporaries
 
 TIE_MARGIN = 1e-6
 """Images whose nearest low-block coefficient lies closer than this to the median are ties."""
@@ -158,9 +160,12 @@ def _int8_gemm_available() -> bool:
     try:
         a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
         b = torch.tensor([[1], [2], [3]], dtype=torch.int8).expand(3, 8).contiguous()
-        return bool((torch._int_mm(a, b) == 6).all())
+        if bool((torch._int_mm(a, b) == 6).all()):
+            return True
     except (RuntimeError, NotImplementedError):  # pragma: no cover - depends on the torch build
-        return False
+        pass
+    logger.info("torch._int_mm is not usable on this CPU build; pHash resizes with float64 GEMMs (slower)")
+    return False
 
 
 def _signed_digits(weights: np.ndarray) -> np.ndarray:
@@ -220,16 +225,27 @@ def _single_threaded_worker() -> None:
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()  # a lock held by another thread at fork time would never be released
+    _POOLS.clear()  # the parent's worker threads do not exist in the child
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pool_of(workers: int) -> ThreadPoolExecutor:
-    # keyed by process id: a pool inherited through fork (DataLoader workers) has no threads
+    # keyed by process id too, in case a process was started without the fork hook (belt and braces)
     key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(
-            workers, thread_name_prefix="gren-phash", initializer=_single_threaded_worker
-        )
-    return _POOLS[key]
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(
+                workers, thread_name_prefix="gren-phash", initializer=_single_threaded_worker
+            )
+        return _POOLS[key]
 
 
 def _cpu_pool() -> ThreadPoolExecutor:
@@ -257,8 +273,8 @@ def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(out).t()  # (R, 32) view
     out = torch.empty((rows.shape[0], RESIZE_SIDE), dtype=torch.uint8, device=rows.device)
     weights = _float64_coefficients(length, rows.device)
-    for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
-        chunk = rows[start : start + _ROWS_PER_GEMM]
+    for start in range(0, rows.shape[0], _ROWS_PER_FLOAT64_GEMM):
+        chunk = rows[start : start + _ROWS_PER_FLOAT64_GEMM]
         sums = chunk.to(torch.float64) @ weights + _ROUNDING
         values = torch.floor(sums / float(1 << _PRECISION_BITS))
         out[start : start + chunk.shape[0]] = values.clamp_(0, 255)
