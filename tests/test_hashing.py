@@ -158,3 +158,27 @@ def test_hex_round_trip_and_known_hamming():
     assert int(hamming(from_hex(codes[2]), from_hex(codes[3]))[0, 0]) == a - b
     with pytest.raises(ValueError, match="hex"):
         from_hex("xyz")
+
+
+def _hash_in_child(pixels, queue):
+    queue.put(phash(pixels).numpy())
+
+
+def test_hashing_works_in_a_forked_process():
+    """The CPU worker pool is per process: a fork after use (DataLoader workers) must not hang."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    rng = np.random.default_rng(9)
+    pixels = np.stack([smooth_image(rng, 100, 80) for _ in range(4)])
+    in_parent = phash(pixels).numpy()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_hash_in_child, args=(pixels, queue))
+    child.start()
+    try:
+        in_child = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+    assert np.array_equal(in_child, in_parent)
