@@ -46,6 +46,9 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
         resolve_config(None, ["optim.learning_rate=0.1"])
     with pytest.raises(GrenError, match="KEY=VALUE"):
         resolve_config(None, ["optim.lr"])
+    with pytest.raises(GrenError, match="train.epochs cannot be null"):
+        resolve_config(None, ["train.epochs=null"])
+    assert resolve_config(None, ["train.max_steps_per_epoch=None"])["train"]["max_steps_per_epoch"] is None
     with pytest.raises(GrenError, match="must be a number"):
         resolve_config(None, ["optim.lr=fast"])
     bad = tmp_path / "bad.yaml"

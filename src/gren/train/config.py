@@ -73,7 +73,15 @@ def flat_keys(config: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that accept null (besides those whose default is null).
+NULLABLE = ("data.annotated_fraction", "train.max_steps_per_epoch")
+
+
 def _coerce(default, value, key: str, source: str):
+    if value is None or (value == "None" and not isinstance(default, str)):
+        if default is None or key in NULLABLE:
+            return None
+        raise GrenError(f"{source}: {key} cannot be null (default {default!r})")
     if isinstance(default, dict):
         raise GrenError(f"{source}: {key} is a section ({', '.join(default)}), not a value")
     if isinstance(value, dict):
