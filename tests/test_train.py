@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +21,28 @@ from gren.train.sampler import MixedBatchSampler
 
 def test_defaults_are_the_papers_schedule():
     config = resolve_config()
-    assert config["optim"] == {"lr": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0001,
+    assert config["optim"] == {"name": "sgd", "lr": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0001,
                                "step_epochs": 4, "gamma": 0.1}
     assert config["train"]["epochs"] == 9 and config["train"]["batch_size"] == 4
     assert config["model"]["backbone"] == "resnet50" and config["model"]["output_stride"] == 32
     assert config["graph"]["lambda_intra"] == 0.11 and config["graph"]["lambda_inter"] == 0.15
     assert config["loss"]["beta"] == 4.0 and config["graph"]["form"] == "pull"
     assert {"default", "cpu-small"} <= set(bundled_configs())
+
+
+def test_optimizer_choice():
+    import torch
+
+    from gren.errors import GrenError
+    from gren.train.engine import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = build_optimizer(params, resolve_config()["optim"])
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    adamw = build_optimizer(params, resolve_config(None, ["optim.name=adamw", "optim.lr=0.002"])["optim"])
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 0.002
+    with pytest.raises(GrenError, match="sgd or adamw"):
+        build_optimizer(params, {**resolve_config()["optim"], "name": "lbfgs"})
 
 
 def test_overrides_and_files(tmp_path):
@@ -173,6 +189,7 @@ def test_saved_config_is_the_resolved_one(tmp_path, monkeypatch):
     engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2, overrides=overrides)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["method"] == "gren-intra" and saved["data"]["protocol"] == "1.0_0.4" and saved["data"]["fold"] == 2
+    assert saved["data"]["path"] == str(Path("unused").resolve())  # evaluate finds the data from the run
     with pytest.raises(GrenError, match="already holds a trained run"):
         engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2, overrides=overrides)
     with pytest.raises(GrenError, match="different config.*optim.lr"):

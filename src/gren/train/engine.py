@@ -47,7 +47,7 @@ from gren.train.sampler import MixedBatchSampler
 log = logging.getLogger(__name__)
 
 # Keys that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "data.workers", "device.device")
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "data.workers", "device.device", "data.path")
 
 
 @dataclass
@@ -159,8 +159,7 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     method = build_method(config["method"], config).to(device)
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(method.parameters(), lr=float(optim_cfg["lr"]), momentum=float(optim_cfg["momentum"]),
-                                nesterov=bool(optim_cfg["nesterov"]), weight_decay=float(optim_cfg["weight_decay"]))
+    optimizer = build_optimizer(method.parameters(), optim_cfg)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(optim_cfg["step_epochs"]),
                                                 gamma=float(optim_cfg["gamma"]))
     checkpoint_dir = run_dir / "checkpoints"
@@ -303,6 +302,18 @@ def _config_differences(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
 
+def build_optimizer(parameters, optim_cfg: dict) -> torch.optim.Optimizer:
+    """``optim.name``: ``sgd`` (the paper's SGD, Nesterov momentum) or ``adamw`` (betas default, same lr/wd keys)."""
+    name = str(optim_cfg.get("name", "sgd")).lower()
+    lr, weight_decay = float(optim_cfg["lr"]), float(optim_cfg["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=float(optim_cfg["momentum"]),
+                               nesterov=bool(optim_cfg["nesterov"]), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    raise GrenError(f"optim.name {name!r}: expected sgd or adamw")
+
+
 def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, protocol: str | None = None,
           fold: int | None = None, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = (),
           resume: bool = False) -> list[dict]:
@@ -314,6 +325,7 @@ def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, proto
     """
     config = resolve_config(config_file, overrides)
     config["method"] = method
+    config["data"]["path"] = str(Path(data).expanduser().resolve())
     if protocol is not None:
         config["data"]["protocol"] = str(protocol)
     if fold is not None:
