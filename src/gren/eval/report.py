@@ -164,7 +164,10 @@ def plot_localization(images: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarr
     ``maps_per_run[label]`` float (N, K, h, w).
     """
     plt = _pyplot()
+    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Rectangle
+
+    red = ListedColormap(["red"])
 
     n = len(images)
     size = images.shape[-1]
@@ -185,14 +188,14 @@ def plot_localization(images: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarr
                 continue
             prob = maps_per_run[runs[c - 1]][i, k]
             positive = np.ma.masked_where(prob <= threshold, np.ones_like(prob))
-            ax.imshow(positive, cmap="autumn", alpha=0.45, vmin=0, vmax=1, extent=(0, size, size, 0),
+            ax.imshow(positive, cmap=red, alpha=0.45, vmin=0, vmax=1, extent=(0, size, size, 0),
                       interpolation="nearest")
             iou = grid_box_iou(prob, (x1, y1, x2, y2), (size, size), threshold)
             ax.set_title(f"{runs[c - 1]}\nIoU {iou:.2f}, max p {prob.max():.2f}", fontsize=8)
             ax.set_xlim(0, size)
             ax.set_ylim(size, 0)
     fig.suptitle("predicted cells (p > 0.5, red) of the box's class vs the ground-truth box (green)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.95 * n + 0.4)))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
