@@ -10,11 +10,13 @@ Steps (each skipped when already done, so a rerun resumes):
 5. ``OUT/figures``: ``gren report`` figures for both runs.
 
 Default (sized for well under 10 minutes on 2 free CPU cores; benchmarks/bench_demo.py): 800 images
-rendered at 128 px, cached at 64 px, ResNet-18 at output stride 16 (a 4 x 4 grid), random init,
-16 epochs of at most 50 batches of 8 (lr 0.01, divided by 10 after 12 epochs), the same seed and fold
-for both methods. Why so small: with random initialisation (no pretrained weights offline) a 128 px /
-8 x 8 model did not get any cell above p = 0.5 within the CPU budget (accuracy 0 for both methods),
-while at 64 px the maps start to localize (about 0.1 accuracy at T = 0.1 after 8 epochs).
+rendered at 128 px, cached at 96 px, ResNet-18 at output stride 16 (a 6 x 6 grid), random init,
+10 epochs of at most 50 batches of 8, AdamW at lr 1e-3 (divided by 10 for the last epoch), the same
+seed and fold for both methods. Why these: with random initialisation (no pretrained weights offline)
+the paper's SGD did not get a 128 px / 8 x 8 model to put any cell above p = 0.5 within the CPU budget
+(accuracy 0 for both methods); AdamW localizes within it. The setting was chosen on a separate
+synthetic dataset (seed 7, fold 0: 64 px/16 epochs and 96 px/10 epochs took the same time and gave
+similar accuracy; 96 px has the finer grid), never on the demo's own data.
 ``quick``: 64 px and one short epoch, for tests and a first look.
 """
 
@@ -39,11 +41,12 @@ class DemoSettings:
 
     n: int = 800
     synth_size: int = 128
-    size: int = 64
-    epochs: int = 16
+    size: int = 96
+    epochs: int = 10
     batch_size: int = 8
     max_steps_per_epoch: int = 50
-    lr: float = 0.01
+    optimizer: str = "adamw"
+    lr: float = 0.001
     seed: int = 0
     protocol: str = "0.5_0.8"
     folds: int = 5
@@ -58,8 +61,8 @@ class DemoSettings:
             "model.backbone=resnet18", "model.output_stride=16", "model.weights=none",
             f"data.size={self.size}", "data.lungs=masks", "data.workers=0",
             f"train.epochs={self.epochs}", f"train.batch_size={self.batch_size}",
-            f"train.max_steps_per_epoch={self.max_steps_per_epoch}", f"optim.lr={self.lr}",
-            f"optim.step_epochs={max(1, (3 * self.epochs) // 4)}", f"seed={self.seed}", "device.device=cpu",
+            f"train.max_steps_per_epoch={self.max_steps_per_epoch}", f"optim.name={self.optimizer}",
+            f"optim.lr={self.lr}", f"optim.step_epochs={max(1, self.epochs - 1)}", f"seed={self.seed}", "device.device=cpu",
         ]
 
 
