@@ -35,8 +35,14 @@ SECTIONS = [
     ("demo", "bench_demo.py", "`gren demo` end to end"),
     ("synthetic_crossval", "exp_synthetic_crossval.py", "Synthetic default: 5-fold ablation table"),
     ("nih_sample", "exp_nih_sample.py", "Real NIH sample: baseline vs GREN"),
-    ("gpu", "bench_gpu.py", "GPU"),
 ]
+
+GPU_NOTE = (
+    "## GPU\n\nNo GPU machine was lent to the sessions that produced these figures, so nothing here was "
+    "measured on a GPU. The GPU configurations are ready: `python benchmarks/bench_train_step.py --gpu` "
+    "(images/s of baseline and GREN at 512 px / ResNet-50, bf16, channels_last, compile on and off) and "
+    "`python benchmarks/exp_nih_sample.py --gpu --folds 0,1,2,3,4` (the paper's setting on the NIH sample)."
+)
 
 log = logging.getLogger("benchmarks")
 
@@ -50,6 +56,34 @@ def _versions() -> str:
         except ImportError:
             pass
     return ", ".join(parts)
+
+
+def _shift_headings(text: str, top: int) -> str:
+    """Shift the markdown headings of ``text`` (outside code fences) so the highest is level ``top``."""
+    lines = text.splitlines()
+    in_code, levels = False, []
+    for line in lines:
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            levels.append(len(line) - len(line.lstrip("#")))
+    if not levels:
+        return text
+    shift, out, in_code = top - min(levels), [], False
+    for line in lines:
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            line = "#" * max(1, len(line) - len(line.lstrip("#")) + shift) + line.lstrip("#")
+        out.append(line)
+    return "\n".join(out)
+
+
+def _nest_headings(text: str, title: str) -> str:
+    """A result file as one ``##`` section of BENCHMARKS.md, its own headings nested below."""
+    if text.startswith("#"):
+        return _shift_headings(text, 2)
+    return f"## {title}\n\n" + _shift_headings(text, 3)
 
 
 def run_scripts(only: set[str] | None) -> None:
@@ -81,20 +115,23 @@ def assemble() -> str:
         if not md.exists():
             missing.append(f"* {title}: not measured yet (`python benchmarks/{script}`)")
             continue
-        text = md.read_text().strip()
-        if not text.startswith("#"):
-            text = f"## {title}\n\n{text}"
+        text = _nest_headings(md.read_text().strip(), title)
         meta = RESULTS / f"{name}.json"
         if meta.exists():
             try:
                 info = json.loads(meta.read_text())
                 machine = info.get("machine") or info.get("meta", {}).get("machine")
                 date = info.get("date") or info.get("meta", {}).get("date")
+                if isinstance(machine, dict):
+                    machine = ", ".join(f"{k} {v}" for k, v in machine.items() if k in ("platform", "cpus", "cpu"))
                 if machine or date:
                     text += f"\n\n<sub>Measured on {machine or '?'}, {date or '?'}; figures in `benchmarks/results/{name}.json`; rerun: `python benchmarks/{script}`.</sub>"
             except json.JSONDecodeError:
                 pass
         lines += [text, ""]
+    train_step = RESULTS / "train_step.json"
+    if not (train_step.exists() and json.loads(train_step.read_text()).get("gpu")):
+        lines += [GPU_NOTE, ""]
     if missing:
         lines += ["## Not yet measured", "", *missing, ""]
     return "\n".join(lines)
