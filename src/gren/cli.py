@@ -22,6 +22,7 @@ import sys
 
 import gren
 import gren.commands
+from gren.errors import GrenError
 
 log = logging.getLogger("gren")
 
@@ -29,9 +30,6 @@ GROUP_HELP = {
     "data": "NIH-layout datasets: synthesise, check, split",
     "lungs": "left/right lung segmentation: train, evaluate, preview",
 }
-
-
-from gren.errors import GrenError
 
 
 class UserError(GrenError):
