@@ -93,7 +93,7 @@ def main() -> int:
            f"CPU configuration: ResNet-18, {size} px, {args.epochs} epochs of at most {args.steps} batches of 8, AdamW."),
         "Rerun: `python benchmarks/exp_nih_sample.py --folds 0,1,2,3,4`.",
         "",
-        table.replace("# ", "### ", 1),
+        *(("##" + line) if line.startswith("#") else line for line in table.splitlines()),
     ]
     (RESULTS / "nih_sample.md").write_text("\n".join(md) + "\n")
     log.info("wrote %s", RESULTS / "nih_sample.md")

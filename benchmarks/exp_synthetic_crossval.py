@@ -70,7 +70,7 @@ def main() -> int:
         f"{settings.optimizer} lr {settings.lr}), protocol {settings.protocol} by patient, every fold.",
         "Rerun: `python benchmarks/exp_synthetic_crossval.py`.",
         "",
-        table.replace("# ", "### ", 1),
+        *(("##" + line) if line.startswith("#") else line for line in table.splitlines()),
     ]
     (RESULTS / "synthetic_crossval.md").write_text("\n".join(md) + "\n")
     log.info("wrote %s", RESULTS / "synthetic_crossval.md")
