@@ -25,7 +25,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     for name in ("training_curves.png", "hash_similarity.png", "localization.png"):
         assert (out / "figures" / name).stat().st_size > 1000
 
-    # a demo run evaluates standalone: the data comes from OUT/ablation/crossval.json
+    # a demo run evaluates standalone: the data comes from the run's config (data.path)
     assert main(["evaluate", "--run", str(out / "ablation" / "gren" / "fold_0"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_boxes"] == result["n_boxes"]
 

@@ -32,10 +32,6 @@ GROUP_HELP = {
 }
 
 
-class UserError(GrenError):
-    """An error caused by the user's input; printed as one clear message, without a traceback."""
-
-
 def _command_modules():
     for info in sorted(pkgutil.iter_modules(gren.commands.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):

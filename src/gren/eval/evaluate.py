@@ -127,17 +127,10 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 
 
 def run_data_path(config: dict) -> str | None:
-    """The dataset (raw folder or cache) a run was trained on, as recorded in its config, or None."""
+    """The dataset (raw folder or cache) a run was trained on: ``data.path`` of its config, or None."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    for key in ("path", "dir", "source", "data", "cache"):
-        value = data.get(key)
-        if isinstance(value, str) and value:
-            return value
-    for key in ("data_dir", "data_path"):
-        value = config.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return None
+    value = data.get("path")
+    return value if isinstance(value, str) and value else None
 
 
 def read_split(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -163,17 +156,10 @@ def read_split(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def open_run_data(config: dict, data: str | os.PathLike | None, run_dir: str | os.PathLike):
     """The :class:`~gren.data.cache.PreparedCache` for a run: ``data`` when given, else the one recorded in
-    its config (``data.path``), else the ``data`` of a ``crossval.json`` two levels up (crossval/demo runs)."""
+    its config (``data.path``, written by the training engine)."""
     from gren.data.source import open_prepared
 
     path = data if data is not None else run_data_path(config)
-    if path is None:  # a crossval / demo run: OUT/<method>/fold_<k>, with OUT/crossval.json naming the data
-        manifest = Path(run_dir).parent.parent / "crossval.json"
-        if manifest.is_file():
-            try:
-                path = json.loads(manifest.read_text()).get("data")
-            except json.JSONDecodeError:
-                path = None
     if path is None:
         raise GrenError(f"{run_dir}/config.yaml does not record the training data; pass --data DIR|CACHE")
     if not Path(path).exists():
