@@ -19,21 +19,16 @@ Settings are fixed here before any test fold is looked at; nothing is tuned on t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from crossval_results import write_crossval_results
 from gren.data.prepare import prepare_cache
-from gren.eval.crossval import TABLE_MD, run_crossval
+from gren.eval.crossval import run_crossval
 from gren.paths import shared_data_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("exp_nih_sample")
 
 
@@ -71,32 +66,16 @@ def main() -> int:
                            config_file=None if args.gpu else "cpu-small", overrides=overrides,
                            only_folds=folds, batch_size=32, progress=False)
     seconds = time.perf_counter() - start
-    table = (out / "crossval" / TABLE_MD).read_text()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "name": "nih_sample",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-        "settings": {**vars(args), "overrides": overrides, "protocol": "1.0_0.8"},
-        "seconds_this_call": round(seconds, 1),
-        "trained_this_call": summary["trained"],
-        "results": summary["results"],
-    }
-    (RESULTS / "nih_sample.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    md = [
-        "## Real NIH sample: baseline vs GREN",
-        "",
+    intro = [
         f"{args.data}: annotated images split 80/20 by patient in 5 folds, all other images as the",
         f"weakly-labelled pool (protocol 1.0_0.8); lungs {args.lungs}; "
         + ("the paper's GPU configuration." if args.gpu else
            f"CPU configuration: ResNet-18, {size} px, {args.epochs} epochs of at most {args.steps} batches of 8, AdamW."),
         "Rerun: `python benchmarks/exp_nih_sample.py --folds 0,1,2,3,4`.",
-        "",
-        *(("##" + line) if line.startswith("#") else line for line in table.splitlines()),
     ]
-    (RESULTS / "nih_sample.md").write_text("\n".join(md) + "\n")
-    log.info("wrote %s", RESULTS / "nih_sample.md")
+    path = write_crossval_results("nih_sample", "Real NIH sample: baseline vs GREN", intro, out / "crossval", summary,
+                                  {**vars(args), "overrides": overrides, "protocol": "1.0_0.8"}, seconds)
+    log.info("wrote %s", path)
     return 0
 
 

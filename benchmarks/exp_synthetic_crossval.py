@@ -13,21 +13,15 @@ chosen on a separate synthetic dataset (see gren.eval.demo), not on these folds.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from gren.eval.crossval import TABLE_MD, run_crossval
+from crossval_results import write_crossval_results
+from gren.eval.crossval import run_crossval
 from gren.eval.demo import DemoSettings, run_demo
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ABLATION = ("baseline", "gren-intra", "gren-inter", "gren", "gren-cosine")
 log = logging.getLogger("exp_synthetic_crossval")
 
@@ -49,31 +43,16 @@ def main() -> int:
                            folds=settings.folds, config_file="cpu-small", overrides=settings.overrides(),
                            only_folds=only, batch_size=32, progress=False)
     seconds = time.perf_counter() - start
-    table = (out / "ablation" / TABLE_MD).read_text()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "name": "synthetic_crossval",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "settings": {**vars(args), "demo": asdict(settings)},
-        "seconds_this_call": round(seconds, 1),
-        "trained_this_call": summary["trained"],
-        "results": summary["results"],
-    }
-    (RESULTS / "synthetic_crossval.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    md = [
-        "## Synthetic default: the GREN ablation over 5 folds",
-        "",
+    intro = [
         f"`gren demo`'s data ({settings.n} synthetic films, seed {settings.seed}, cached at {settings.size} px with the",
         "generator's lung masks) and training setting (ResNet-18, output stride 16, random init,",
         f"{settings.epochs} epochs of at most {settings.max_steps_per_epoch} batches of {settings.batch_size}, "
         f"{settings.optimizer} lr {settings.lr}), protocol {settings.protocol} by patient, every fold.",
         "Rerun: `python benchmarks/exp_synthetic_crossval.py`.",
-        "",
-        *(("##" + line) if line.startswith("#") else line for line in table.splitlines()),
     ]
-    (RESULTS / "synthetic_crossval.md").write_text("\n".join(md) + "\n")
-    log.info("wrote %s", RESULTS / "synthetic_crossval.md")
+    path = write_crossval_results("synthetic_crossval", "Synthetic default: the GREN ablation over 5 folds", intro,
+                                  out / "ablation", summary, {**vars(args), "demo": asdict(settings)}, seconds)
+    log.info("wrote %s", path)
     return 0
 
 
