@@ -11,6 +11,7 @@ Each benchmark script writes ``results/<name>.json`` (figures, machine, date) an
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import platform
@@ -49,11 +50,10 @@ log = logging.getLogger("benchmarks")
 
 def _versions() -> str:
     parts = [f"Python {platform.python_version()}"]
-    for name in ("torch", "torchvision", "numpy", "PIL", "imagehash"):
+    for name in ("torch", "torchvision", "numpy", "pillow", "imagehash"):
         try:
-            module = __import__(name)
-            parts.append(f"{name} {getattr(module, '__version__', '?')}")
-        except ImportError:
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
             pass
     return ", ".join(parts)
 

@@ -6,15 +6,19 @@ import urllib.error
 
 import pytest
 import torch
-import torchvision
 
 from gren.errors import GrenError
 from gren.models.backbone import build_backbone, gray_stem
 from gren.models.grid import GridHead
+from gren.models.tv import import_torchvision
+
+torchvision = import_torchvision()
 
 
-@pytest.mark.parametrize(("name", "stride", "channels"), [("resnet18", 32, 512), ("resnet18", 16, 512),
-                                                          ("resnet34", 16, 512), ("resnet50", 16, 2048)])
+@pytest.mark.parametrize(
+    ("name", "stride", "channels"),
+    [("resnet18", 32, 512), ("resnet18", 16, 512), ("resnet34", 16, 512), ("resnet50", 16, 2048)],
+)
 def test_backbone_shapes(name, stride, channels):
     backbone = build_backbone(name, "none", stride)
     features = backbone(torch.randn(2, 1, 64, 64))
@@ -75,3 +79,27 @@ def test_grid_head_shapes_and_prior():
     assert probs.mean().item() == pytest.approx(0.01, rel=0.5)
     with pytest.raises(ValueError):
         GridHead(16, upsample=0)
+
+
+def test_torchvision_imports_with_or_without_its_compiled_operators():
+    """A CPU torch beside a CUDA-built torchvision (the small CPU install) must still give the models."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gren.models.tv as tv, torch\n"
+        "compiled = tv._compiled_ops_load()\n"
+        "torchvision = tv.import_torchvision()\n"
+        "assert torchvision.models.resnet18(weights=None).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)\n"
+        "if not compiled:\n"
+        "    try:\n"
+        "        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
+        "    except RuntimeError as err:\n"
+        "        assert 'C++ ops' in str(err) or 'torchvision::nms' in str(err), err\n"
+        "    else:\n"
+        "        raise AssertionError('nms ran without compiled operators')\n"
+        "print('compiled' if compiled else 'python-only')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("compiled", "python-only")

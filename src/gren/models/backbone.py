@@ -31,10 +31,12 @@ import os
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from gren.errors import GrenError
+from gren.models.tv import import_torchvision
+
+torchvision = import_torchvision()
 
 log = logging.getLogger(__name__)
 
