@@ -384,7 +384,14 @@ def _draw_clavicles(canvas: Canvas, draw, anatomy: Anatomy) -> None:
 
 
 def _draw_vessels(canvas: Canvas, draw, anatomy: Anatomy, rng: np.random.Generator) -> None:
-    """Branching pulmonary vessels radiating from each hilum, and the hilar shadows."""
+    """Branching pulmonary vessels radiating from each hilum, and the hilar shadows.
+
+    Per side, 14 to 19 vessels of 4 segments each: a random initial direction (0 = straight lateral,
+    negative = towards the apex) that wanders by N(0, 0.35) rad per segment, each segment 0.7 times
+    as wide as the previous one, and with probability 0.4 a half-width side branch at its start.
+    All random draws for a side are made at once (arrays), not per segment.
+    """
+    segments_per_vessel = 4
     starts, ends, widths = [], [], []
     for side in SIDES:
         geom = anatomy.lungs[side]
@@ -392,22 +399,21 @@ def _draw_vessels(canvas: Canvas, draw, anatomy: Anatomy, rng: np.random.Generat
         hilum = lung_point(anatomy, side, 0.22, 0.45)
         canvas.polygon(draw, ellipse_points(hilum[0], hilum[1], 40.0, 75.0, 0.0, 16), 150)
         reach = (geom.base - geom.apex) * 0.65
-        for _ in range(int(rng.integers(14, 20))):
-            phi = rng.uniform(-1.35, 1.15)  # 0 = straight lateral, negative = towards the apex
-            step = rng.uniform(0.35, 0.8) * reach / 4.0
-            point = hilum + rng.normal(0.0, 12.0, size=2)
-            width = rng.uniform(6.0, 9.0)
-            for _segment in range(4):
-                phi += rng.normal(0.0, 0.35)
-                nxt = point + step * np.array([sign * np.cos(phi), np.sin(phi)])
-                starts.append(point)
-                ends.append(nxt)
-                widths.append(width)
-                if rng.random() < 0.4:  # a side branch
-                    psi = phi + rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.8)
-                    starts.append(point)
-                    ends.append(point + 0.6 * step * np.array([sign * np.cos(psi), np.sin(psi)]))
-                    widths.append(width * 0.5)
-                point = nxt
-                width *= 0.7
-    canvas.segments(draw, np.array(starts), np.array(ends), 255, np.array(widths))
+        n = int(rng.integers(14, 20))
+        phi0 = rng.uniform(-1.35, 1.15, n)
+        step = rng.uniform(0.35, 0.8, n) * reach / 4.0  # (n,) canonical px per segment
+        origin = hilum + rng.normal(0.0, 12.0, size=(n, 2))
+        width0 = rng.uniform(6.0, 9.0, n)
+        phi = phi0[:, None] + np.cumsum(rng.normal(0.0, 0.35, (n, segments_per_vessel)), axis=1)  # (n, 4)
+        moves = step[:, None, None] * np.stack([sign * np.cos(phi), np.sin(phi)], axis=2)  # (n, 4, 2)
+        seg_ends = origin[:, None, :] + np.cumsum(moves, axis=1)
+        seg_starts = np.concatenate([origin[:, None, :], seg_ends[:, :-1]], axis=1)
+        seg_widths = width0[:, None] * 0.7 ** np.arange(segments_per_vessel)  # (n, 4)
+        branch = rng.random((n, segments_per_vessel)) < 0.4
+        psi = phi + np.where(rng.random((n, segments_per_vessel)) < 0.5, -1.0, 1.0) * rng.uniform(
+            0.4, 0.8, (n, segments_per_vessel))
+        branch_moves = 0.6 * step[:, None, None] * np.stack([sign * np.cos(psi), np.sin(psi)], axis=2)
+        starts += [seg_starts.reshape(-1, 2), seg_starts[branch]]
+        ends += [seg_ends.reshape(-1, 2), (seg_starts + branch_moves)[branch]]
+        widths += [seg_widths.ravel(), 0.5 * seg_widths[branch]]
+    canvas.segments(draw, np.concatenate(starts), np.concatenate(ends), 255, np.concatenate(widths))

@@ -121,7 +121,7 @@ def smooth_noise(rng: np.random.Generator, size: int, cell_px: float) -> np.ndar
     cells = max(2, int(np.ceil(CANONICAL / cell_px)) + 1)
     grid = rng.standard_normal((cells, cells)).astype(np.float32)
     image = Image.fromarray(grid).resize((size, size), Image.BICUBIC)
-    return np.asarray(image, dtype=np.float32)
+    return np.array(image, dtype=np.float32)  # a writable copy
 
 
 def footprint_box(alpha: np.ndarray, threshold: float) -> tuple[float, float, float, float] | None:
