@@ -35,6 +35,8 @@ SECTIONS = [
     ("eval", "bench_eval.py", "Evaluation speed"),
     ("demo", "bench_demo.py", "`gren demo` end to end"),
     ("synthetic_crossval", "exp_synthetic_crossval.py", "Synthetic default: 5-fold ablation table"),
+    ("gren_gradients", "exp_gren_gradients.py", "Why GREN trains like the baseline: gradient norms"),
+    ("gren_selection", "exp_gren_selection.py", "GREN settings chosen on a separate synthetic dataset"),
     ("nih_sample", "exp_nih_sample.py", "Real NIH sample: baseline vs GREN"),
 ]
 

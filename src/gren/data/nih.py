@@ -766,7 +766,8 @@ def _read_sizes(
         from tqdm import tqdm
 
         iterator = tqdm(
-            paths, desc="verifying images" if verify else "reading image sizes", unit="img", leave=False
+            paths, desc="verifying images" if verify else "reading image sizes", unit="img", leave=False,
+            disable=None,
         )
     for i, path in enumerate(iterator):
         try:

@@ -85,7 +85,7 @@ def evaluate_predictions(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_items)
     ious, iobbs, names, scores, labels = [], [], [], [], []
     n_loc_images = 0
-    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or None, leave=False):
         probs = predict(batch).detach().float().cpu()
         size = batch["image"].shape[-1], batch["image"].shape[-2]  # (width, height) of the S x S input
         if probs.dim() != 4 or probs.shape[0] != len(batch["image_id"]) or probs.shape[1] != len(LABELS):

@@ -308,7 +308,7 @@ def predict_files(
     written: list[str] = []
     failed: dict[str, str] = {}
     stems: dict[str, int] = {}
-    for path in tqdm(list(paths), desc="predict", unit="image", disable=not progress, leave=False):
+    for path in tqdm(list(paths), desc="predict", unit="image", disable=not progress or None, leave=False):
         path = Path(path)
         try:
             gray = read_any_gray(path)

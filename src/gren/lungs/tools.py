@@ -76,7 +76,7 @@ def evaluate_samples(segmenter, samples: list[LungSample], batch_size: int = 16,
     ``fallback``).
     """
     rows = []
-    with tqdm(total=len(samples), desc="lungs evaluate", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(samples), desc="lungs evaluate", unit="img", disable=not progress or None) as bar:
         for batch, images in iter_batches(samples, batch_size):
             masks, fallback = segmenter.segment(images)
             truths = np.stack([read_mask(s.mask_path, images.shape[1:]) for s in batch])

@@ -190,7 +190,7 @@ def train_unet(images: list[np.ndarray], masks: list[np.ndarray], *, size: int =
     history = []
     started = time.perf_counter()
     model.train()
-    bar = tqdm(range(epochs), desc="lung U-Net", unit="epoch", disable=not progress)
+    bar = tqdm(range(epochs), desc="lung U-Net", unit="epoch", disable=not progress or None)
     for _epoch in bar:
         order = torch.randperm(len(images), generator=generator)
         losses = []

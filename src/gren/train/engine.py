@@ -246,8 +246,8 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
     sums: dict[str, torch.Tensor] = {}
     steps = images_seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not dist.is_main_process(),
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+               disable=None if dist.is_main_process() else True)  # None: no bar when stderr is not a terminal
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
         if channels_last:

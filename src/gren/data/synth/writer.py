@@ -166,7 +166,7 @@ def synthesize(out_dir, n: int, size: int = 256, seed: int = 0, workers: int = 1
 
     tasks = [(str(out), size, seed, plan) for plan in plans]
     findings: list[list[dict] | None] = [None] * n
-    bar = tqdm(total=n, desc="synth", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=n, desc="synth", unit="img", disable=not progress or None, leave=False)
     if workers == 1:
         results = map(_render_and_save, tasks)
         for index, image_findings in results:
