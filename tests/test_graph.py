@@ -97,3 +97,47 @@ def test_inter_forms_hand_computed_and_fallback_excluded():
 def test_unknown_form_is_rejected():
     with pytest.raises(ValueError, match="graph.form"):
         graph.IntraImageRegularizer("push")
+
+
+def test_rank_scale_maps_kept_entries_to_mean_ranks():
+    values = torch.tensor([0.30, 0.10, 0.30, 0.90, 0.50])
+    keep = torch.tensor([True, True, True, False, True])
+    out = graph.rank_scale(values, keep)
+    # kept: 0.1 (rank 0), 0.3 and 0.3 (ranks 1, 2 -> 1.5), 0.5 (rank 3); divided by n - 1 = 3
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.0, 0.5, 0.90, 1.0]))
+    assert graph.rank_scale(torch.tensor([0.4]), torch.tensor([True])).item() == 0.5
+    tied = graph.rank_scale(torch.full((4,), 0.37), torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(tied, torch.full((4,), 0.5))
+
+
+def test_rank_edge_scale_spreads_concentrated_hash_distances():
+    """Distances all near 24/64 give nearly uniform raw weights; ranked, the closest pair is pulled hardest."""
+    torch.manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    e = torch.full((4, 4), 24 / 64)
+    e[0, 1] = e[1, 0] = 22 / 64  # the most similar pair
+    e[2, 3] = e[3, 2] = 26 / 64  # the least similar pair
+    valid = torch.ones(4, dtype=torch.bool)
+    raw = graph.InterImageRegularizer("pull", edge_scale="raw")
+    ranked = graph.InterImageRegularizer("pull", edge_scale="rank")
+    grads = {}
+    for name, reg in (("raw", raw), ("rank", ranked)):
+        x = vectors.clone().requires_grad_()
+        reg(x, e, valid).backward()
+        grads[name] = x.grad
+    # ranked, the least similar pair has e = 1: weight 1 - e = 0 (raw: 1 - 26/64 = 0.59), the most similar 1
+    ranks = graph.rank_scale(e, torch.ones(4, 4, dtype=torch.bool).triu(1))
+    assert ranks[2, 3].item() == 1.0 and ranks[0, 1].item() == 0.0
+    assert not torch.allclose(grads["raw"], grads["rank"])
+    with pytest.raises(ValueError, match="edge_scale"):
+        graph.IntraImageRegularizer("pull", edge_scale="zscore")
+
+
+def test_gren_reads_edge_scale_from_the_config():
+    from gren.methods.registry import build_method
+    from gren.train.config import resolve_config
+
+    config = resolve_config(None, ["model.backbone=resnet18", "graph.edge_scale=rank"])
+    method = build_method("gren", config)
+    assert method.intra_regularizer.edge_scale == "rank" and method.inter_regularizer.edge_scale == "rank"
+    assert resolve_config(None, [])["graph"]["edge_scale"] == "raw"

@@ -198,3 +198,15 @@ def test_saved_config_is_the_resolved_one(tmp_path, monkeypatch):
     history = engine.train("unused", "gren-intra", tmp_path / "run", protocol="1.0_0.4", fold=2,
                            overrides=overrides + ["train.epochs=2"], resume=True)  # extend the run by one epoch
     assert [line["epoch"] for line in history] == [1, 2]
+
+
+def test_a_config_key_added_later_at_its_default_does_not_block_resume():
+    from gren.train import engine
+    from gren.train.config import resolve_config
+
+    new = resolve_config(None, [])
+    old = resolve_config(None, [])
+    del old["graph"]["edge_scale"]  # a run saved before the key existed
+    assert engine._config_differences(old, new) == []
+    changed = resolve_config(None, ["graph.edge_scale=rank"])
+    assert engine._config_differences(old, changed) == ["graph.edge_scale: None -> 'rank'"]

@@ -23,6 +23,14 @@ Form (config ``graph.form``), per edge:
       because ``d`` is bounded by the normalisation;
     * ``contrastive``: ``(1 - e) d + e max(0, margin - d)`` -- both.
 
+Edge scale (config ``graph.edge_scale``):
+    * ``raw`` (default, the paper): ``e`` as above;
+    * ``rank``: each term's ``e`` replaced by its rank among the edges that count in the batch, in
+      [0, 1] (ties share their mean rank). Hamming distances concentrate around their mean (on the
+      real NIH sample lung-hash distances sit near 24 of 64 bits), so raw weights ``1 - e`` are nearly
+      the same for every edge; ranks spread them over [0, 1] and make the graph pull the batch's most
+      similar pairs hardest.
+
 Normalisation: the mean over the edges that count (images for intra, unordered pairs ``u < v``
 for inter), so ``lambda`` does not depend on the batch size. An image whose lung mask fell back to
 the anatomical prior (``batch["lung_fallback"]``) or has an empty lung mask has hashes and lung
@@ -40,6 +48,7 @@ from gren.hashing import hamming, hamming_pairs
 
 HASH_BITS = 64
 FORMS = ("pull", "paper", "contrastive")
+EDGE_SCALES = ("raw", "rank")
 
 
 @torch.no_grad()
@@ -143,21 +152,49 @@ def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (values * keep).sum() / keep.sum().clamp_min(1.0)
 
 
+def rank_scale(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values`` (any shape) with the ``keep`` entries replaced by their mean rank among them, in [0, 1].
+
+    The smallest kept value maps to 0 and the largest to 1; tied values share their mean rank; a
+    single kept value (or all tied) maps to 0.5. Entries outside ``keep`` are returned unchanged.
+    """
+    flat, kept = values.reshape(-1), keep.reshape(-1).bool()
+    chosen = flat[kept]
+    n = chosen.numel()
+    if n == 0:
+        return values
+    less = (chosen[None, :] < chosen[:, None]).sum(dim=1).to(values.dtype)  # (n,)
+    equal = (chosen[None, :] == chosen[:, None]).sum(dim=1).to(values.dtype)
+    ranks = (less + (equal - 1) / 2) / max(n - 1, 1) if n > 1 else torch.full_like(chosen, 0.5)
+    out = flat.clone()
+    out[kept] = ranks
+    return out.reshape(values.shape)
+
+
+def _check(form: str, edge_scale: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"graph.form must be one of {', '.join(FORMS)}, got {form!r}")
+    if edge_scale not in EDGE_SCALES:
+        raise ValueError(f"graph.edge_scale must be one of {', '.join(EDGE_SCALES)}, got {edge_scale!r}")
+
+
 class IntraImageRegularizer(nn.Module):
     """``D_intra = mean_i penalty(e_i, d(f_i^r, f_i^l))`` over the images with ``valid``.
 
     ``forward(lung_vectors (B, 2, C), dissimilarity (B,), valid (B,) bool) -> scalar``.
     """
 
-    def __init__(self, form: str = "pull", margin: float = 1.0):
+    def __init__(self, form: str = "pull", margin: float = 1.0, edge_scale: str = "raw"):
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"graph.form must be one of {', '.join(FORMS)}, got {form!r}")
-        self.form, self.margin = form, float(margin)
+        _check(form, edge_scale)
+        self.form, self.margin, self.edge_scale = form, float(margin), edge_scale
 
     def forward(self, lung_vectors: torch.Tensor, dissimilarity: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         distance = euclidean(lung_vectors[:, 0], lung_vectors[:, 1])
-        penalty = edge_penalty(dissimilarity.to(distance), distance, self.form, self.margin)
+        dissimilarity = dissimilarity.to(distance)
+        if self.edge_scale == "rank":
+            dissimilarity = rank_scale(dissimilarity, valid)
+        penalty = edge_penalty(dissimilarity, distance, self.form, self.margin)
         return _masked_mean(penalty, valid)
 
 
@@ -167,16 +204,18 @@ class InterImageRegularizer(nn.Module):
     ``forward(image_vectors (N, D) unit norm, dissimilarity (N, N), valid (N,) bool) -> scalar``.
     """
 
-    def __init__(self, form: str = "pull", margin: float = 1.0):
+    def __init__(self, form: str = "pull", margin: float = 1.0, edge_scale: str = "raw"):
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"graph.form must be one of {', '.join(FORMS)}, got {form!r}")
-        self.form, self.margin = form, float(margin)
+        _check(form, edge_scale)
+        self.form, self.margin, self.edge_scale = form, float(margin), edge_scale
 
     def forward(self, image_vectors: torch.Tensor, dissimilarity: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         n = image_vectors.shape[0]
         distance = pairwise_euclidean_unit(image_vectors)
-        penalty = edge_penalty(dissimilarity.to(distance), distance, self.form, self.margin)
         upper = torch.ones(n, n, dtype=torch.bool, device=image_vectors.device).triu(diagonal=1)
         keep = upper & valid[:, None] & valid[None, :]
+        dissimilarity = dissimilarity.to(distance)
+        if self.edge_scale == "rank":
+            dissimilarity = rank_scale(dissimilarity, keep)
+        penalty = edge_penalty(dissimilarity, distance, self.form, self.margin)
         return _masked_mean(penalty, keep)

@@ -7,7 +7,7 @@
 
 ``Q = L + lambda_intra D_intra + lambda_inter D_inter`` (eq. 8); see :mod:`gren.methods.graph` for
 the terms, their forms and the lung-fallback rule. Config keys: ``graph.form, margin,
-lambda_intra, lambda_inter, inter_features, inter_scope``.
+edge_scale, lambda_intra, lambda_inter, inter_features, inter_scope``.
 
 ``graph.inter_scope``: ``rank`` builds the inter-image graph from each process's own batch (the
 paper's graph of ``batch_size`` images); ``global`` all-gathers the image vectors (with gradient),
@@ -46,8 +46,9 @@ class GrenMethod(GridMILMethod):
         self.lambda_inter = float(graph_cfg["lambda_inter"])
         self.inter_features = graph_cfg["inter_features"]
         self.inter_scope = graph_cfg["inter_scope"]
-        self.intra_regularizer = graph.IntraImageRegularizer(graph_cfg["form"], graph_cfg["margin"])
-        self.inter_regularizer = graph.InterImageRegularizer(graph_cfg["form"], graph_cfg["margin"])
+        edge_scale = graph_cfg.get("edge_scale", "raw")
+        self.intra_regularizer = graph.IntraImageRegularizer(graph_cfg["form"], graph_cfg["margin"], edge_scale)
+        self.inter_regularizer = graph.InterImageRegularizer(graph_cfg["form"], graph_cfg["margin"], edge_scale)
 
     def extra_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         features = outputs["features"].float()

@@ -41,7 +41,7 @@ from gren.errors import GrenError
 from gren.methods import build_method
 from gren.train import dist
 from gren.train.checkpoint import copy_atomic, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gren.train.config import load_yaml, resolve_config, save_config
+from gren.train.config import default_config, load_yaml, resolve_config, save_config
 from gren.train.sampler import MixedBatchSampler
 
 log = logging.getLogger(__name__)
@@ -298,8 +298,11 @@ def _config_differences(old: dict, new: dict) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
+    # A key added to the defaults after the run was saved, at its default value, changes nothing.
+    defaults = flat(default_config())
+    added_at_default = {k for k in b if k not in a and k in defaults and b[k] == defaults[k]}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k not in added_at_default]
 
 
 def build_optimizer(parameters, optim_cfg: dict) -> torch.optim.Optimizer:
