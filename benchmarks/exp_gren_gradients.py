@@ -91,7 +91,7 @@ def main() -> int:
         method = build_method("gren", config)
         states = {"random init": None}
         if args.checkpoint:
-            states[f"trained ({args.checkpoint})"] = load_checkpoint(args.checkpoint)["model"]
+            states["trained"] = load_checkpoint(args.checkpoint)["model"]
         results = {}
         for state_name, state in states.items():
             if state is not None:
@@ -108,7 +108,9 @@ def main() -> int:
     lines = ["## Why GREN trains like the baseline at the paper's lambdas: gradient norms", "",
              f"Mean over {args.batches} batches of 8 (a quarter annotated) from {args.n} synthetic films (seed 7,",
              f"{settings.size} px), ResNet-18 at stride 16: the L2 norm of each term's gradient on the backbone.",
-             f"lambda x1 is the paper's (intra {paper[0]}, inter {paper[1]}). Rerun: `python benchmarks/exp_gren_gradients.py`.",
+             f"lambda x1 is the paper's (intra {paper[0]}, inter {paper[1]}). \"trained\": the weights of `{args.checkpoint}`."
+             if args.checkpoint else f"lambda x1 is the paper's (intra {paper[0]}, inter {paper[1]}).",
+             "Rerun: `python benchmarks/exp_gren_gradients.py --checkpoint RUN/checkpoints/last.pt` (a trained baseline).",
              "", "| state, lambdas | box | MIL | intra | inter | graph / (box + MIL) | D_intra | D_inter |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
