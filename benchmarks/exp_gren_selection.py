@@ -49,6 +49,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                               "graph.lambda_inter=1.5"]),
     "gren lung-vector inter, lambda x10": ("gren", ["graph.inter_features=lungs", "graph.lambda_intra=1.1",
                                                     "graph.lambda_inter=1.5"]),
+    # added while the first sweep ran (after the first three rows): batch-relative edge weights
+    "gren rank edges, lambda x10": ("gren", ["graph.edge_scale=rank", "graph.lambda_intra=1.1",
+                                             "graph.lambda_inter=1.5"]),
 }
 
 

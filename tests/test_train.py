@@ -143,6 +143,23 @@ def test_resume_is_bit_exact(tmp_path):
     assert any((tmp_path / "resumed" / "tb").iterdir())
 
 
+def test_epoch_checkpoints_hold_weights_only_and_are_pruned(tmp_path):
+    cfg = small_config(train={"epochs": 3, "batch_size": 4, "max_steps_per_epoch": 1, "keep_epochs": 2})
+    cfg["method"] = "baseline"
+    fit(cfg, tmp_path / "run", _data())
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == ["epoch_002.pt", "epoch_003.pt", "last.pt"]
+    epoch = load_checkpoint(checkpoints / "epoch_003.pt")
+    last = load_checkpoint(checkpoints / "last.pt")
+    assert set(epoch) == {"format", "model", "epoch", "config"} and epoch["epoch"] == 3
+    assert {"optimizer", "scheduler", "rng"} <= set(last)
+    for key, value in last["model"].items():
+        assert torch.equal(value, epoch["model"][key]), key
+    cfg["train"]["keep_epochs"] = None
+    fit(cfg, tmp_path / "all", _data())
+    assert len(list((tmp_path / "all" / "checkpoints").glob("epoch_*.pt"))) == 3
+
+
 def test_box_loss_falls_on_a_synthetic_lesion_task(tmp_path):
     dataset = FakeLesionDataset(n=32, size=48, n_annotated=32)  # 3 x 3 cells of 16 px, 12 px lesions
     config = small_config(train={"epochs": 3, "batch_size": 4}, optim={"lr": 0.01, "step_epochs": 10},

@@ -8,13 +8,13 @@ A checkpoint is a dict:
 * ``epoch``: the number of completed epochs; ``config``: the resolved config dict;
 * ``format``: an int, bumped on incompatible changes.
 
-``RUN/checkpoints/epoch_NNN.pt`` after each epoch (NNN = completed epochs) and ``last.pt`` (a copy).
+``RUN/checkpoints/last.pt`` after each epoch (the full training state) and ``epoch_NNN.pt`` (NNN =
+completed epochs; the weights, epoch and config only; the newest ``train.keep_epochs`` are kept).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -44,13 +44,6 @@ def save_checkpoint(path: str | os.PathLike, **contents) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, **contents}, tmp)
     os.replace(tmp, path)
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def find_checkpoint(path: Path) -> Path:

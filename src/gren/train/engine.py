@@ -5,7 +5,8 @@ data and select the fold, then :func:`fit`. :func:`fit` is the loop on any :clas
 (tests pass small in-memory datasets).
 
 Run directory (docs/architecture.md, "Runs"): ``config.yaml`` (resolved), ``split.csv`` (the fold),
-``checkpoints/epoch_NNN.pt`` and ``last.pt`` after every epoch, ``metrics.jsonl`` (one JSON line per
+``checkpoints/last.pt`` (everything a resume needs) and ``epoch_NNN.pt`` (the weights alone; the newest
+``train.keep_epochs`` are kept, 2 by default) after every epoch, ``metrics.jsonl`` (one JSON line per
 epoch: ``epoch, steps, images, time_s, images_per_s, lr, loss{total, box, mil, ...}``) and ``tb/``
 (TensorBoard: step and epoch scalars).
 
@@ -40,14 +41,14 @@ from tqdm import tqdm
 from gren.errors import GrenError
 from gren.methods import build_method
 from gren.train import dist
-from gren.train.checkpoint import copy_atomic, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gren.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.train.config import default_config, load_yaml, resolve_config, save_config
 from gren.train.sampler import MixedBatchSampler
 
 log = logging.getLogger(__name__)
 
 # Keys that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "data.workers", "device.device", "data.path")
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.keep_epochs", "data.workers", "device.device", "data.path")
 
 
 @dataclass
@@ -216,9 +217,12 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
                 state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                          "config": config}
-                epoch_path = checkpoint_dir / f"epoch_{epoch + 1:03d}.pt"
-                save_checkpoint(epoch_path, **state)
-                copy_atomic(epoch_path, last)
+                save_checkpoint(last, **state)
+                # epoch_NNN.pt: the weights alone (what evaluate --checkpoint epoch_NNN reads), a third of
+                # last.pt's size under AdamW; train.keep_epochs caps how many are kept.
+                save_checkpoint(checkpoint_dir / f"epoch_{epoch + 1:03d}.pt", model=state["model"],
+                                epoch=epoch + 1, config=config)
+                _prune_epoch_checkpoints(checkpoint_dir, train_cfg.get("keep_epochs"))
                 _write_history(metrics_path, history)
                 for key, value in parts.items():
                     writer.add_scalar(f"epoch/{key}", value, epoch + 1)
@@ -235,6 +239,15 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     if start_epoch >= epochs:
         log.info("%s: all %d epochs already done", run_dir, epochs)
     return history
+
+
+def _prune_epoch_checkpoints(checkpoint_dir: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` ``epoch_NNN.pt`` files (``None``: keep all)."""
+    if keep is None:
+        return
+    epoch_files = sorted(checkpoint_dir.glob("epoch_*.pt"))
+    for path in epoch_files[: max(0, len(epoch_files) - int(keep))]:
+        path.unlink(missing_ok=True)
 
 
 def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, epoch, epochs, writer, log_every,
