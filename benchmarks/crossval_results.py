@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from gren.eval.crossval import TABLE_MD
+from gren.eval.crossval import TABLE_MD, run_crossval
+from gren.eval.table import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,3 +43,38 @@ def write_crossval_results(name: str, title: str, intro: list[str], crossval_dir
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def adopted_variant() -> tuple[str, str, list[str]] | None:
+    """(variant name, method, overrides) adopted by exp_gren_selection.py (chosen on synthetic seed 7), or None."""
+    path = RESULTS / "gren_selection.json"
+    if not path.is_file():
+        return None
+    selection = json.loads(path.read_text())
+    if not selection.get("adopted"):
+        return None
+    row = next(r for r in selection["rows"] if r["variant"] == selection["best"])
+    return selection["best"], row["method"], list(row["overrides"])
+
+
+def add_selected_variant(summary: dict, data: Path, out: Path, *, protocol: str, folds: int,
+                         config_file: str | None, overrides: list[str], only_folds, title: str) -> tuple[dict, Path]:
+    """Train the adopted GREN variant on the same folds into ``out/crossval-selected`` and return the
+    summary with its results added as one more row, and the folder holding the combined table.md.
+
+    Without an adopted variant, returns ``summary`` unchanged and ``None``.
+    """
+    selected = adopted_variant()
+    if selected is None:
+        return summary, None
+    name, method, extra = selected
+    label = f"{name} (selected on seed 7)"
+    extra_summary = run_crossval(data, [method], out / "crossval-selected", protocol=protocol, folds=folds,
+                                 config_file=config_file, overrides=[*overrides, *extra], only_folds=only_folds,
+                                 batch_size=32, progress=False)
+    combined = {"trained": summary["trained"] + [(label, f) for _, f in extra_summary["trained"]],
+                "results": {**summary["results"], label: extra_summary["results"][method]}}
+    table_dir = out / "crossval-with-selected"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    (table_dir / TABLE_MD).write_text(markdown_table(combined["results"], title=title))
+    return combined, table_dir

@@ -12,6 +12,9 @@ tested in a fold is left out of that fold). CPU configuration: ResNet-18 at outp
 fold and method on 2 cores). GPU configuration (the paper's): ``--gpu`` uses the default config
 (ResNet-50, 512 px, SGD, 9 epochs, batch 4) and ImageNet weights when available.
 
+When exp_gren_selection.py adopted a GREN variant (chosen on synthetic seed 7), it is trained on the same
+folds too (``OUT/crossval-selected``) and added to the table as one more row.
+
 Writes benchmarks/results/nih_sample.json and .md (accuracy per class at each T, mean, AUC).
 Settings are fixed here before any test fold is looked at; nothing is tuned on the test folds.
 """
@@ -24,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from crossval_results import write_crossval_results
+from crossval_results import add_selected_variant, write_crossval_results
 from gren.data.prepare import prepare_cache
 from gren.eval.crossval import run_crossval
 from gren.paths import shared_data_dir
@@ -52,6 +55,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=120, help="batches per epoch at most")
     parser.add_argument("--gpu", action="store_true", help="the paper's configuration instead of the CPU one")
+    parser.add_argument("--no-selected", action="store_true",
+                        help="leave out the GREN variant adopted by exp_gren_selection.py (CPU configuration only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -65,6 +70,12 @@ def main() -> int:
     summary = run_crossval(cache, args.methods, out / "crossval", protocol="1.0_0.8", folds=5,
                            config_file=None if args.gpu else "cpu-small", overrides=overrides,
                            only_folds=folds, batch_size=32, progress=False)
+    table_dir = out / "crossval"
+    if not args.no_selected and not args.gpu:
+        summary, combined_dir = add_selected_variant(
+            summary, cache, out, protocol="1.0_0.8", folds=5, config_file="cpu-small", overrides=overrides,
+            only_folds=folds, title="Cross-validation: protocol 1.0_0.8, 5 folds")
+        table_dir = combined_dir or table_dir
     seconds = time.perf_counter() - start
     intro = [
         f"{args.data}: annotated images split 80/20 by patient in 5 folds, all other images as the",
@@ -73,7 +84,7 @@ def main() -> int:
            f"CPU configuration: ResNet-18, {size} px, {args.epochs} epochs of at most {args.steps} batches of 8, AdamW."),
         "Rerun: `python benchmarks/exp_nih_sample.py --folds 0,1,2,3,4`.",
     ]
-    path = write_crossval_results("nih_sample", "Real NIH sample: baseline vs GREN", intro, out / "crossval", summary,
+    path = write_crossval_results("nih_sample", "Real NIH sample: baseline vs GREN", intro, table_dir, summary,
                                   {**vars(args), "overrides": overrides, "protocol": "1.0_0.8"}, seconds)
     log.info("wrote %s", path)
     return 0

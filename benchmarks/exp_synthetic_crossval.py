@@ -8,6 +8,10 @@ patient, the demo's training settings) to every ablation method and fold, and wr
 ``benchmarks/results/synthetic_crossval.json`` and ``.md`` (the Table I layout, mean ± std over
 folds). Resumable: rerun with the same ``--out`` to continue. The training settings are the demo's,
 chosen on a separate synthetic dataset (see gren.eval.demo), not on these folds.
+
+When ``exp_gren_selection.py`` adopted a GREN variant (benchmarks/results/gren_selection.json, chosen
+on synthetic seed 7), that variant is trained on the same 5 folds too (``OUT/crossval-selected``)
+and added to the table as one more row: the held-out check of the selection.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from crossval_results import write_crossval_results
+from crossval_results import add_selected_variant, write_crossval_results
 from gren.eval.crossval import run_crossval
 from gren.eval.demo import DemoSettings, run_demo
 
@@ -31,6 +35,7 @@ def main() -> int:
     parser.add_argument("--out", default="gren-demo", help="demo folder to run or reuse (resumable)")
     parser.add_argument("--only-folds", default="", help="e.g. 0,1 (the table uses the folds that exist)")
     parser.add_argument("--methods", default=",".join(ABLATION))
+    parser.add_argument("--no-selected", action="store_true", help="leave out the variant adopted by exp_gren_selection.py")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -42,6 +47,13 @@ def main() -> int:
     summary = run_crossval(out / "cache", args.methods, out / "ablation", protocol=settings.protocol,
                            folds=settings.folds, config_file="cpu-small", overrides=settings.overrides(),
                            only_folds=only, batch_size=32, progress=False)
+    table_dir = out / "ablation"
+    if not args.no_selected:
+        summary, combined_dir = add_selected_variant(
+            summary, out / "cache", out, protocol=settings.protocol, folds=settings.folds, config_file="cpu-small",
+            overrides=settings.overrides(), only_folds=only,
+            title=f"Cross-validation: protocol {settings.protocol}, {settings.folds} folds")
+        table_dir = combined_dir or table_dir
     seconds = time.perf_counter() - start
     intro = [
         f"`gren demo`'s data ({settings.n} synthetic films, seed {settings.seed}, cached at {settings.size} px with the",
@@ -51,7 +63,7 @@ def main() -> int:
         "Rerun: `python benchmarks/exp_synthetic_crossval.py`.",
     ]
     path = write_crossval_results("synthetic_crossval", "Synthetic default: the GREN ablation over 5 folds", intro,
-                                  out / "ablation", summary, {**vars(args), "demo": asdict(settings)}, seconds)
+                                  table_dir, summary, {**vars(args), "demo": asdict(settings)}, seconds)
     log.info("wrote %s", path)
     return 0
 
