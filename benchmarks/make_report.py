@@ -28,6 +28,9 @@ ROOT = HERE.parent
 SECTIONS = [
     ("phash", "bench_phash.py", "Perceptual hash: ours vs imagehash"),
     ("hash_signal", "hash_signal.py", "Does the lung hash carry the signal GREN assumes?"),
+    ("hash_signal_synthetic", "hash_signal_cache.py", "Hash signal in the synthetic demo's cache"),
+    ("hash_signal_nih_cache", "hash_signal_cache.py --cache runs/nih-sample/cache128 --name hash_signal_nih_cache",
+     "Hash signal in the NIH sample's 128 px cache"),
     ("lungs", "bench_lungs.py", "Lung segmentation Dice on real films"),
     ("synth", "bench_synth.py", "Synthetic data generator speed"),
     ("prepare", "bench_prepare.py", "`gren prepare`: cached loading vs on-the-fly decoding"),
@@ -92,12 +95,13 @@ def run_scripts(only: set[str] | None) -> None:
     for name, script, _ in SECTIONS:
         if only and name not in only:
             continue
-        path = HERE / script
+        script_name, *script_args = script.split()
+        path = HERE / script_name
         if not path.exists():
-            log.warning("no script %s; skipping %s", script, name)
+            log.warning("no script %s; skipping %s", script_name, name)
             continue
         log.info("running %s", script)
-        subprocess.run([sys.executable, str(path)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(path), *script_args], check=True, cwd=ROOT)
 
 
 def assemble() -> str:
