@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=120, help="batches per epoch at most")
     parser.add_argument("--gpu", action="store_true", help="the paper's configuration instead of the CPU one")
+    parser.add_argument("--only-selected", action="store_true", help="train only the adopted GREN variant")
     parser.add_argument("--no-selected", action="store_true",
                         help="leave out the GREN variant adopted by exp_gren_selection.py (CPU configuration only)")
     args = parser.parse_args()
@@ -67,9 +68,12 @@ def main() -> int:
     prepare_cache(args.data, cache, size=size, lungs=args.lungs, workers=os.cpu_count())
     overrides = ["model.weights=imagenet"] if args.gpu else cpu_overrides(size, args.epochs, args.steps)
     folds = [int(f) for f in args.folds.split(",") if f.strip()]
-    summary = run_crossval(cache, args.methods, out / "crossval", protocol="1.0_0.8", folds=5,
-                           config_file=None if args.gpu else "cpu-small", overrides=overrides,
-                           only_folds=folds, batch_size=32, progress=False)
+    if args.only_selected:  # e.g. in a second process while the first trains --methods
+        summary = {"trained": [], "results": {}}
+    else:
+        summary = run_crossval(cache, args.methods, out / "crossval", protocol="1.0_0.8", folds=5,
+                               config_file=None if args.gpu else "cpu-small", overrides=overrides,
+                               only_folds=folds, batch_size=32, progress=False)
     table_dir = out / "crossval"
     if not args.no_selected and not args.gpu:
         summary, combined_dir = add_selected_variant(
