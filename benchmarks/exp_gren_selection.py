@@ -32,7 +32,7 @@ from pathlib import Path
 from crossval_results import RESULTS, machine
 from gren.data.prepare import prepare_cache
 from gren.data.synth import synthesize
-from gren.eval.crossval import run_crossval
+from gren.eval.crossval import pair_dir, run_crossval
 from gren.eval.demo import DemoSettings
 
 log = logging.getLogger("exp_gren_selection")
@@ -66,6 +66,18 @@ def selection_score(result: dict) -> float:
     return statistics.fmean(mean[t] for t in SELECTION_T)
 
 
+def _unweighted(row: dict, term: str) -> str:
+    """The last epoch's graph term divided by its lambda, as text ("-" for the baseline)."""
+    value = row.get("final_loss_mean", {}).get(term)
+    if value is None:
+        return "-"
+    lam = 0.11 if term == "intra" else 0.15
+    for override in row["overrides"]:
+        if override.startswith(f"graph.lambda_{term}="):
+            lam = float(override.split("=", 1)[1])
+    return f"{value / lam:.3f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/gren-selection")
@@ -94,6 +106,11 @@ def main() -> int:
                                overrides=[*settings.overrides(), *extra], only_folds=folds, batch_size=32,
                                progress=False)
         results = [r for r in summary["results"][method] if r["fold"] in folds]
+        final_losses = []  # the last epoch's logged loss parts of each fold (graph terms already times lambda)
+        for fold in folds:
+            metrics = pair_dir(out / "variants" / slug(name), method, fold) / "metrics.jsonl"
+            if metrics.is_file():
+                final_losses.append(json.loads(metrics.read_text().splitlines()[-1])["loss"])
         scores = [selection_score(r) for r in results]
         rows.append({
             "variant": name, "method": method, "overrides": extra, "folds": [r["fold"] for r in results],
@@ -101,6 +118,8 @@ def main() -> int:
             "accuracy_mean": {t: statistics.fmean(r["accuracy"]["mean"][t] for r in results)
                               for t in ("0.1", "0.3", "0.5", "0.7")},
             "auc_mean": statistics.fmean(r["auc"]["mean"] for r in results),
+            "final_loss_mean": {k: statistics.fmean(f[k] for f in final_losses) for k in final_losses[0]}
+            if final_losses else {},
         })
         log.info("%s: score %.3f (per fold %s)", name, rows[-1]["score"], ", ".join(f"{s:.3f}" for s in scores))
 
@@ -127,13 +146,17 @@ def main() -> int:
         "before the runs; see the script). The rank-edge row was added to the list after the first three rows",
         "had been seen. Rerun: `python benchmarks/exp_gren_selection.py` (about 35 min on 2 cores).",
         "",
-        "| variant | score | per fold | acc T=0.1 | T=0.3 | T=0.5 | T=0.7 | mean AUC |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "D_intra, D_inter: the unweighted graph terms in the last epoch (mean edge penalty; lung-feature",
+        "distances are in [0, 2]); small values mean the features were pulled together.",
+        "",
+        "| variant | score | per fold | acc T=0.1 | T=0.3 | T=0.5 | T=0.7 | mean AUC | D_intra | D_inter |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         acc = row["accuracy_mean"]
         lines.append(f"| {row['variant']} | {row['score']:.3f} | {' / '.join(f'{s:.3f}' for s in row['score_per_fold'])} "
-                     f"| {acc['0.1']:.2f} | {acc['0.3']:.2f} | {acc['0.5']:.2f} | {acc['0.7']:.2f} | {row['auc_mean']:.3f} |")
+                     f"| {acc['0.1']:.2f} | {acc['0.3']:.2f} | {acc['0.5']:.2f} | {acc['0.7']:.2f} | {row['auc_mean']:.3f} "
+                     f"| {_unweighted(row, 'intra')} | {_unweighted(row, 'inter')} |")
     if best and baseline:
         verdict = ("adopted: the experiments on the reported folds (exp_synthetic_crossval.py, exp_nih_sample.py) "
                    "add it as a row" if adopt else "not adopted: within the baseline's spread over the folds")
