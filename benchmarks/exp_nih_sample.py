@@ -86,7 +86,9 @@ def main() -> int:
         f"weakly-labelled pool (protocol 1.0_0.8); lungs {args.lungs}; "
         + ("the paper's GPU configuration." if args.gpu else
            f"CPU configuration: ResNet-18, {size} px, {args.epochs} epochs of at most {args.steps} batches of 8, AdamW."),
-        "Rerun: `python benchmarks/exp_nih_sample.py --folds 0,1,2,3,4`.",
+        "About 10 minutes per fold and method on one core (2026-11-24, two runs side by side with OMP_NUM_THREADS=1).",
+        "Reading: at this CPU scale nothing localizes and the AUCs are at chance, for every method; see",
+        "docs/gren_study.md. Rerun: `python benchmarks/exp_nih_sample.py --folds 0,1,2,3,4`.",
     ]
     path = write_crossval_results("nih_sample", "Real NIH sample: baseline vs GREN", intro, table_dir, summary,
                                   {**vars(args), "overrides": overrides, "protocol": "1.0_0.8"}, seconds)
