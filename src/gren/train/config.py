@@ -74,7 +74,7 @@ def flat_keys(config: dict, prefix: str = "") -> list[str]:
 
 
 # Keys that accept null (besides those whose default is null).
-NULLABLE = ("data.annotated_fraction", "train.max_steps_per_epoch")
+NULLABLE = ("data.annotated_fraction", "train.max_steps_per_epoch", "train.keep_epochs")
 
 
 def _coerce(default, value, key: str, source: str):

@@ -155,6 +155,9 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     channels_last = on_cuda and bool(config["device"]["channels_last"])
     train_cfg, optim_cfg = config["train"], config["optim"]
     epochs = int(train_cfg["epochs"])
+    keep_epochs = train_cfg.get("keep_epochs")
+    if keep_epochs is not None and int(keep_epochs) < 0:
+        raise GrenError(f"train.keep_epochs must be null (keep all) or >= 0, got {keep_epochs}")
 
     torch.manual_seed(int(config["seed"]))
     method = build_method(config["method"], config).to(device)
@@ -222,7 +225,7 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
                 # last.pt's size under AdamW; train.keep_epochs caps how many are kept.
                 save_checkpoint(checkpoint_dir / f"epoch_{epoch + 1:03d}.pt", model=state["model"],
                                 epoch=epoch + 1, config=config)
-                _prune_epoch_checkpoints(checkpoint_dir, train_cfg.get("keep_epochs"))
+                _prune_epoch_checkpoints(checkpoint_dir, keep_epochs)
                 _write_history(metrics_path, history)
                 for key, value in parts.items():
                     writer.add_scalar(f"epoch/{key}", value, epoch + 1)
