@@ -22,10 +22,39 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, {gpu}"
 
 
+SELECTION_T = ("0.1", "0.3", "0.5")
+
+
+def selection_score(result: dict) -> float:
+    """One run's score: mean localization accuracy over the 8 box classes, averaged over T = 0.1, 0.3, 0.5."""
+    mean = result["accuracy"]["mean"]
+    return sum(mean[t] for t in SELECTION_T) / len(SELECTION_T)
+
+
+def training_minutes(run_dir: Path) -> float | None:
+    """Minutes of training (sum of the epochs' ``time_s`` in ``run_dir/metrics.jsonl``), or None."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    return sum(json.loads(line)["time_s"] for line in metrics.read_text().splitlines() if line.strip()) / 60.0
+
+
+def score_table(results: dict) -> list[str]:
+    """Markdown lines: per method, the :func:`selection_score` of each fold and their mean."""
+    lines = ["Score per fold (mean localization accuracy over T = 0.1, 0.3, 0.5; the selection score of",
+             "exp_gren_selection.py):", "", "| method | per fold | mean |", "| --- | --- | --- |"]
+    for method, folds in results.items():
+        scores = [selection_score(r) for r in sorted(folds, key=lambda r: r["fold"])]
+        if scores:
+            lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in scores)} | {sum(scores) / len(scores):.3f} |")
+    return lines
+
+
 def write_crossval_results(name: str, title: str, intro: list[str], crossval_dir: Path, summary: dict,
                            settings: dict, seconds: float) -> Path:
     """``results/<name>.json`` (settings, per-fold eval results) and ``results/<name>.md`` (``title``, the
-    ``intro`` lines, then ``crossval_dir``'s table.md with its headings nested under the title)."""
+    ``intro`` lines, the per-fold score table, then ``crossval_dir``'s table.md with its headings nested
+    under the title)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "name": name,
@@ -38,7 +67,7 @@ def write_crossval_results(name: str, title: str, intro: list[str], crossval_dir
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     table = (Path(crossval_dir) / TABLE_MD).read_text()
-    md = [f"## {title}", "", *intro, "",
+    md = [f"## {title}", "", *intro, "", *score_table(summary["results"]), "",
           *(("##" + line) if line.startswith("#") else line for line in table.splitlines())]
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(md) + "\n")

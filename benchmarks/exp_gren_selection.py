@@ -29,16 +29,16 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from crossval_results import RESULTS, machine
+from crossval_results import RESULTS, machine, selection_score
 from gren.data.prepare import prepare_cache
 from gren.data.synth import synthesize
 from gren.eval.crossval import pair_dir, run_crossval
 from gren.eval.demo import DemoSettings
+from gren.train.config import default_config
 
 log = logging.getLogger("exp_gren_selection")
 
 SELECTION_SEED = 7
-SELECTION_T = ("0.1", "0.3", "0.5")
 
 # name -> (method, overrides on top of the demo's setting); pre-declared, in this order.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -60,18 +60,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def selection_score(result: dict) -> float:
-    """Mean localization accuracy over the 8 box classes, averaged over T = 0.1, 0.3, 0.5."""
-    mean = result["accuracy"]["mean"]
-    return statistics.fmean(mean[t] for t in SELECTION_T)
-
-
 def _unweighted(row: dict, term: str) -> str:
     """The last epoch's graph term divided by its lambda, as text ("-" for the baseline)."""
     value = row.get("final_loss_mean", {}).get(term)
     if value is None:
         return "-"
-    lam = 0.11 if term == "intra" else 0.15
+    lam = float(default_config()["graph"][f"lambda_{term}"])
     for override in row["overrides"]:
         if override.startswith(f"graph.lambda_{term}="):
             lam = float(override.split("=", 1)[1])
@@ -144,7 +138,7 @@ def main() -> int:
         f"the demo's training setting; protocol {settings.protocol}, folds {', '.join(map(str, folds))}.",
         "Score: mean localization accuracy over T = 0.1, 0.3, 0.5, averaged over the folds (rule fixed",
         "before the runs; see the script). The rank-edge row was added to the list after the first three rows",
-        "had been seen. Rerun: `python benchmarks/exp_gren_selection.py` (about 35 min on 2 cores).",
+        "had been seen. Rerun: `python benchmarks/exp_gren_selection.py`.",
         "",
         "D_intra, D_inter: the unweighted graph terms in the last epoch (mean edge penalty; lung-feature",
         "distances are in [0, 2]); small values mean the features were pulled together.",

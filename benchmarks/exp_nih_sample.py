@@ -27,9 +27,9 @@ import os
 import time
 from pathlib import Path
 
-from crossval_results import add_selected_variant, write_crossval_results
+from crossval_results import add_selected_variant, adopted_variant, training_minutes, write_crossval_results
 from gren.data.prepare import prepare_cache
-from gren.eval.crossval import run_crossval
+from gren.eval.crossval import pair_dir, parse_methods, run_crossval
 from gren.paths import shared_data_dir
 
 log = logging.getLogger("exp_nih_sample")
@@ -81,12 +81,18 @@ def main() -> int:
             only_folds=folds, title="Cross-validation: protocol 1.0_0.8, 5 folds")
         table_dir = combined_dir or table_dir
     seconds = time.perf_counter() - start
+    run_dirs = {m: [pair_dir(out / "crossval", m, f) for f in range(5)] for m in parse_methods(args.methods)}
+    selected = adopted_variant()
+    if selected is not None and not args.no_selected and not args.gpu:
+        run_dirs[f"{selected[0]} (selected)"] = [pair_dir(out / "crossval-selected", selected[1], f) for f in range(5)]
+    minutes = {label: [m for m in map(training_minutes, dirs) if m is not None] for label, dirs in run_dirs.items()}
+    minutes_text = "; ".join(f"{label} {sum(v) / len(v):.1f} min" for label, v in minutes.items() if v) or "-"
     intro = [
         f"{args.data}: annotated images split 80/20 by patient in 5 folds, all other images as the",
         f"weakly-labelled pool (protocol 1.0_0.8); lungs {args.lungs}; "
         + ("the paper's GPU configuration." if args.gpu else
            f"CPU configuration: ResNet-18, {size} px, {args.epochs} epochs of at most {args.steps} batches of 8, AdamW."),
-        "About 10 minutes per fold and method on one core (2026-11-24, two runs side by side with OMP_NUM_THREADS=1).",
+        f"Training time per fold, mean over folds (from each run's metrics.jsonl): {minutes_text}.",
         "Reading: at this CPU scale nothing localizes and the AUCs are at chance, for every method; see",
         "docs/gren_study.md. Rerun: `python benchmarks/exp_nih_sample.py --folds 0,1,2,3,4`.",
     ]

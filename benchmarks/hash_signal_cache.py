@@ -33,9 +33,9 @@ log = logging.getLogger("hash_signal_cache")
 
 
 def hash_signal(cache: PreparedCache) -> dict:
-    hashes = torch.from_numpy(np.array(cache._array("lung_hashes"), dtype=bool))  # (N, 2, 64)
-    labels = np.array(cache._array("labels"), dtype=bool)  # (N, 14)
-    valid = ~np.array(cache._array("lung_fallback"), dtype=bool)
+    hashes = torch.from_numpy(np.array(cache.lung_hashes, dtype=bool))  # (N, 2, 64)
+    labels = np.array(cache.labels, dtype=bool)  # (N, 14)
+    valid = ~np.array(cache.lung_fallback, dtype=bool)
     hashes, labels = hashes[torch.from_numpy(valid)], labels[valid]
     abnormal = labels.any(axis=1)
     intra = hamming_pairs(hashes[:, 0], hashes[:, 1]).numpy()
