@@ -359,3 +359,26 @@ def test_concurrent_preparers_share_one_run(raw_dir, tmp_path):
         summaries = [f.result() for f in futures]
     assert sorted(s["reused"] for s in summaries) == [False, True]
     assert len(PreparedCache(out)) == len(IMAGES)
+
+
+def test_training_split_is_recomputed_on_a_fresh_run_and_kept_on_resume(reference, tmp_path):
+    from gren.data.splits import read_fold_csv, write_fold_csv
+    from gren.train.config import resolve_config
+    from gren.train.engine import open_training_data
+
+    cache_dir, _ = reference
+    config = resolve_config(None, [f"data.size={SIZE}", "data.protocol=1.0_0.6", "data.folds=2", "data.fold=0"])
+    run_dir = tmp_path / "run"
+    expected = open_training_data(cache_dir, config, run_dir)
+    split = read_fold_csv(run_dir / "split.csv")
+    stale = split.copy()
+    stale["role"] = "unused"
+    stale.loc[stale.index[0], "role"] = "train"  # a split left by an earlier start with other settings
+    write_fold_csv(stale, run_dir / "split.csv")
+
+    resumed = open_training_data(cache_dir, config, run_dir, resume=True)
+    assert len(resumed.dataset) == 1  # a resumed run trains on the images it started with
+    fresh = open_training_data(cache_dir, config, run_dir)
+    assert len(fresh.dataset) == len(expected.dataset) > 1
+    assert read_fold_csv(run_dir / "split.csv").equals(split)
+    assert not list(run_dir.glob(".*partial"))

@@ -58,25 +58,36 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         torch.testing.assert_close(local.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(local.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-7)
 
-        # 2. The training loop under DDP with the global inter graph: ranks end with identical weights.
+        # 2. The training loop under DDP with the global inter graph: each rank's own model (in memory,
+        # not the checkpoint only rank 0 writes) ends with identical parameters, and they moved. (Batch-norm
+        # running statistics are not compared: DDP broadcasts rank 0's at each forward, then each rank
+        # updates them on its own batch, and only rank 0's are saved.)
         from _train_fakes import FakeLesionDataset, small_config
-        from gren.train.engine import TrainingData, fit
+        from gren.train import engine
 
+        built = []
+
+        def build_and_keep(*args, **kwargs):
+            built.append(engine_build(*args, **kwargs))
+            return built[-1]
+
+        engine_build = engine.build_method
+        engine.build_method = build_and_keep
         dataset = FakeLesionDataset(n=12, size=48, n_annotated=4)
         config = small_config(train={"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 2},
                               graph={"inter_scope": "global"}, optim={"lr": 0.01}, data={"size": 48})
         config["method"] = "gren"
-        history = fit(config, run_dir, TrainingData(dataset, dataset.annotated, dataset.unannotated))
-        from gren.train.checkpoint import load_checkpoint
-
-        torch_dist.barrier()
-        weights = load_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt"))["model"]
-        checksum = torch.stack([v.double().sum() for v in weights.values() if v.is_floating_point()]).sum()
-        from gren.methods.registry import build_method  # noqa: F401  (registry importable in the child)
-
+        torch.manual_seed(1000 + rank)  # fit must seed (and broadcast) the weights itself
+        history = engine.fit(config, run_dir, engine.TrainingData(dataset, dataset.annotated, dataset.unannotated))
+        assert len(built) == 1
+        weights = [p.detach().double() for p in built[0].parameters()]
+        checksum = torch.stack([v.sum() + (v * v).sum() for v in weights]).sum().reshape(1)
         checksums = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
-        torch_dist.all_gather(checksums, checksum.reshape(1))
+        torch_dist.all_gather(checksums, checksum)
         assert checksums[0].item() == checksums[1].item()
+        torch.manual_seed(int(config["seed"]))
+        initial = engine_build(config["method"], config)
+        assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), built[0].parameters()))
         if rank == 0:
             assert history[-1]["steps"] == 2 and history[-1]["images"] == 2 * 2 * WORLD
             assert set(history[-1]["loss"]) == {"total", "box", "mil", "intra", "inter"}

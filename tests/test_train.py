@@ -197,7 +197,7 @@ def test_non_finite_loss_is_a_clear_error(tmp_path):
 def test_saved_config_is_the_resolved_one(tmp_path, monkeypatch):
     from gren.train import engine
 
-    def fake_open(data_path, config, run_dir):
+    def fake_open(data_path, config, run_dir, resume=False):
         return _data(8, 4)
 
     monkeypatch.setattr(engine, "open_training_data", fake_open)
@@ -227,3 +227,16 @@ def test_a_config_key_added_later_at_its_default_does_not_block_resume():
     assert engine._config_differences(old, new) == []
     changed = resolve_config(None, ["graph.edge_scale=rank"])
     assert engine._config_differences(old, changed) == ["graph.edge_scale: None -> 'rank'"]
+
+
+def test_cli_overrides_may_follow_options(monkeypatch):
+    from gren import cli
+    from gren.train import engine
+
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda *args, **kwargs: seen.update(kwargs))
+    assert cli.main(["train", "--data", "D", "--method", "baseline", "data.size=64", "--out", "R",
+                     "train.epochs=2"]) == 0
+    assert seen["overrides"] == ["data.size=64", "train.epochs=2"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--data", "D", "--method", "baseline", "--out", "R", "--no-such-option"])

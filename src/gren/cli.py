@@ -73,7 +73,14 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides after an option (train --out R optim.lr=0.1): argparse fills a positional
+        # nargs="*" only once, so the later ones come back unparsed.
+        if hasattr(args, "overrides") and all("=" in token and not token.startswith("-") for token in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.verbose, args.quiet)
     if getattr(args, "_run", None) is None:
         (getattr(args, "_group_parser", None) or parser).print_help()

@@ -274,8 +274,11 @@ def write_fold_csv(fold: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write one fold as ``image_id,patient_id,role,annotated`` (``annotated`` as ``yes``/``no``)."""
     frame = fold.loc[:, list(FOLD_COLUMNS)].copy()
     frame["annotated"] = np.where(frame["annotated"].astype(bool), "yes", "no")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    frame.to_csv(partial, index=False)
+    os.replace(partial, path)  # atomic: a reader never sees half a file
 
 
 def read_fold_csv(path: str | os.PathLike) -> pd.DataFrame:

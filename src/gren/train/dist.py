@@ -55,20 +55,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.length = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.length: (ctx.rank + 1) * ctx.length]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor (n, ...)`` from all ranks along dim 0 (rank order), gradients flowing back.
 
-    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums every rank's gradient for
-    each rank's slice. When every rank computes the same loss on the gathered tensor, each rank's
-    features thus receive ``world_size x`` the gradient of that loss, and DDP's gradient averaging
-    divides it back: the parameters get exactly the gradient of the global loss.
+    The backward sums every rank's gradient for each rank's slice (as ``torch.distributed.nn``'s
+    all_gather, which is deprecated). When every rank computes the same loss on the gathered tensor,
+    each rank's features thus receive ``world_size x`` the gradient of that loss, and DDP's gradient
+    averaging divides it back: the parameters get exactly the gradient of the global loss.
     All ranks must pass the same shape.
     """
     if not is_distributed() or get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _AllGatherWithGrad.apply(tensor)
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -61,10 +61,14 @@ class TrainingData:
     collate_fn: Callable | None = None  # default: gren.data.dataset.collate
 
 
-def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path) -> TrainingData:
+def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path,
+                       resume: bool = False) -> TrainingData:
     """Open ``data_path`` (cache or raw folder), select the fold, write ``run_dir/split.csv``.
 
-    An existing ``split.csv`` (a resumed run) is read back instead of recomputed.
+    A resumed run (``resume``) reads its ``split.csv`` back, so it trains on the images it started
+    with even if the folder gained images since. A fresh run always computes the fold from the config
+    (deterministic, so every DDP rank computes the same one) and replaces any ``split.csv`` left by an
+    earlier failed start.
     """
     from gren.data.cache import CacheDataset
     from gren.data.source import open_prepared
@@ -73,7 +77,7 @@ def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path
     data_cfg = config["data"]
     cache = open_prepared(data_path, size=int(data_cfg["size"]), lungs=data_cfg["lungs"])
     split_path = run_dir / "split.csv"
-    if split_path.is_file():
+    if resume and split_path.is_file():
         split = read_fold_csv(split_path)
         log.info("fold read back from %s", split_path)
     else:
@@ -367,7 +371,7 @@ def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, proto
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, saved_config_path)
     dist.barrier()
-    training_data = open_training_data(data, config, run_dir)
+    training_data = open_training_data(data, config, run_dir, resume=resume)
     history = fit(config, run_dir, training_data, resume=resume)
     if history:
         final = history[-1]
