@@ -111,3 +111,18 @@ def test_table_only_rebuilds_from_runs(tmp_path):
     assert list(collect_results(tmp_path, ["gren"])) == ["gren"]
     with pytest.raises(GrenError, match="no evaluated runs"):
         write_tables(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("methods, protocol, overrides, message", [
+    ("baseline,no-such-method", "0.5_0.8", [], "unknown method.*no-such-method.*registered: .*baseline"),
+    ("baseline", "1.0_x", [], "not of the form X_Y"),
+    ("baseline", "0.5_0.8", ["optim.no_such_key=1"], "no_such_key"),
+])
+def test_bad_settings_are_refused_before_any_training(tmp_path, methods, protocol, overrides, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    engine = FakeEngine()
+    with pytest.raises(GrenError, match=message):
+        run_crossval(data, methods, tmp_path / "cv", protocol=protocol, folds=3, overrides=overrides,
+                     train_fn=engine.train, evaluate_fn=engine.evaluate, progress=False)
+    assert engine.trained == [] and not (tmp_path / "cv").exists()

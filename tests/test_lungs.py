@@ -128,11 +128,11 @@ def test_classical_is_batched_and_deterministic():
 @pytest.mark.realdata
 def test_classical_dice_on_real_films(lungs_dir):
     samples = find_samples(lungs_dir, require_masks=True)
-    chosen = samples[:: max(1, len(samples) // 6)][:6]
+    chosen = samples[:90]  # all the shared films (a few seconds): the target is a mean Dice >= 0.85
     images, truths = load_pairs(chosen)
     masks, fallback = load_segmenter("classical").segment(np.stack(images))
     scores = lung_dice(masks, np.stack(truths))
-    assert scores.mean(axis=1).mean() >= 0.80, dict(zip([s.stem for s in chosen], scores.mean(axis=1)))
+    assert scores.mean(axis=1).mean() >= 0.85, dict(zip([s.stem for s in chosen], scores.mean(axis=1)))
     # Sides: each predicted lung overlaps its own ground-truth lung, not the other one.
     for mask, truth in zip(masks, truths):
         assert ((mask == 1) & (truth == 1)).sum() > ((mask == 1) & (truth == 2)).sum()

@@ -162,3 +162,20 @@ def test_cli_predict_with_a_checkpoint(inputs, tmp_path):
     assert record["method"] == "baseline" and record["model_input_size"] == 64 and record["grid"] == [4, 4]
     assert main(["predict", str(inputs / "broken.png"), str(inputs / "gray8.png"), "--checkpoint", str(ckpt),
                  "--out", str(out)]) == 1
+
+
+def test_ground_truth_defaults_to_the_runs_dataset(tmp_path):
+    import yaml
+    from eval_helpers import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=4, size=96)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": "baseline", "data": {"path": str(data)}}))
+    image = data / "images" / "00000000_000.png"
+    predict_files([image], run, tmp_path / "out", predictor=FakePredictor(), progress=False)
+    record = json.loads((tmp_path / "out" / "00000000_000.json").read_text())
+    assert record["ground_truth"][0]["label"] == "Atelectasis"
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": "baseline", "data": {"path": str(tmp_path / "gone")}}))
+    predict_files([image], run, tmp_path / "out2", predictor=FakePredictor(), progress=False)
+    assert not json.loads((tmp_path / "out2" / "00000000_000.json").read_text()).get("ground_truth")

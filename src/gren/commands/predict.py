@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-threshold", type=float, default=0.5,
                         help="image probability from which a class is reported (0.5)")
     parser.add_argument("--top-k", type=int, default=3, help="at most this many classes per image (3)")
-    parser.add_argument("--data", metavar="DIR|CACHE", help="dataset whose boxes are drawn as ground truth (green)")
+    parser.add_argument("--data", metavar="DIR|CACHE", help="dataset whose boxes are drawn as ground truth (green); default with --run: the run's dataset")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 

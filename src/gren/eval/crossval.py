@@ -99,6 +99,7 @@ def run_crossval(
     overrides = list(overrides)
     if not Path(data).exists():
         raise GrenError(f"--data {data}: not found")
+    _check_settings(methods, protocol, config_file, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"data": str(Path(data).resolve()), "methods": methods, "protocol": protocol, "folds": folds,
@@ -133,6 +134,20 @@ def run_crossval(
             trained.append((method, fold))
     results = write_tables(out, methods=manifest["methods"])
     return {"trained": trained, "skipped": skipped, "results": results}
+
+
+def _check_settings(methods: list[str], protocol: str, config_file, overrides: list[str]) -> None:
+    """Refuse unknown methods, a malformed protocol and bad config overrides before any work starts
+    (not when their turn comes, after hours of training the others)."""
+    from gren.data.splits import parse_protocol
+    from gren.methods import METHODS
+    from gren.train.config import resolve_config
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise GrenError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(sorted(METHODS))}")
+    parse_protocol(protocol)
+    resolve_config(config_file, overrides)
 
 
 def _read_manifest(out: Path) -> dict | None:

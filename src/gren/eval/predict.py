@@ -153,6 +153,22 @@ def reported_classes(probabilities: np.ndarray, maps: np.ndarray, class_threshol
     return [int(k) for k in order if (maps[k] > cell_threshold).any()][:top_k]
 
 
+def _run_data(source: str | os.PathLike | None) -> str | None:
+    """The dataset a run directory was trained on (its config's ``data.path``) when it still exists."""
+    if source is None or not Path(source).is_dir():
+        return None
+    from gren.eval.evaluate import read_run_config, run_data_path
+
+    try:
+        path = run_data_path(read_run_config(source))
+    except GrenError:
+        return None
+    if path and Path(path).exists():
+        log.info("ground-truth boxes from the run's dataset %s (--data to choose another)", path)
+        return path
+    return None
+
+
 @dataclass
 class GroundTruth:
     """Boxes from ``--data`` (a raw NIH-layout folder or a prepared cache) by image stem."""
@@ -302,6 +318,8 @@ def predict_files(
         listed in ``failed``; the others are still processed.
     """
     predictor = predictor or Predictor(source, device)
+    if data is None:
+        data = _run_data(source)
     truth = GroundTruth.open(data) if data is not None else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
