@@ -144,3 +144,55 @@ def test_evaluate_run_on_a_trained_run(tiny):
             evaluate_run(run, progress=False)
     with pytest.raises(GrenError, match="not a training run"):
         evaluate_run(data, data=data, progress=False)
+
+
+def test_crossval_on_a_raw_folder_with_the_real_engine(tiny, tmp_path):
+    from eval_helpers import TINY_OVERRIDES
+    from gren.eval.crossval import run_crossval
+
+    data, _ = tiny  # a raw NIH-layout folder (prepared once into data/.gren_cache on first use)
+    summary = run_crossval(data, "baseline", tmp_path / "cv", protocol="0.5_0.8", folds=5, only_folds=[0, 1],
+                           overrides=TINY_OVERRIDES, progress=False)
+    assert summary["trained"] == [("baseline", 0), ("baseline", 1)]
+    assert [r["fold"] for r in summary["results"]["baseline"]] == [0, 1]
+    table = (tmp_path / "cv" / "table.md").read_text()
+    assert "| 0.1 | baseline |" in table and "±" in table
+    again = run_crossval(data, "baseline", tmp_path / "cv", protocol="0.5_0.8", folds=5, only_folds=[0, 1],
+                         overrides=TINY_OVERRIDES, progress=False)
+    assert again["trained"] == [] and len(again["skipped"]) == 2
+
+
+def test_hash_similarities_hand_computed():
+    import numpy as np
+
+    from gren.eval.report import hash_similarities
+
+    hashes = np.zeros((3, 2, 64), dtype=bool)
+    hashes[1, 0, :16] = True  # image 1: right lung differs from image 0's in 16 bits, left lung equal
+    hashes[2, :, :] = True  # image 2: both lungs differ from image 0's in all 64 bits
+    inter, intra = hash_similarities(hashes)
+    assert np.allclose(inter, [[1, 1 - 8 / 64, 0], [1 - 8 / 64, 1, 1 - 56 / 64], [0, 1 - 56 / 64, 1]])
+    assert np.allclose(intra, [1, 1 - 16 / 64, 1])
+
+
+def test_report_writes_the_three_figures(tiny, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from gren.cli import main
+
+    data, run = tiny
+    curves_only = tmp_path / "curves_only"
+    shutil.copytree(run, curves_only, ignore=shutil.ignore_patterns("checkpoints"))
+    out = tmp_path / "figures"
+    assert main(["report", "--runs", str(run), str(curves_only), "--out", str(out), "--images", "3"]) == 0
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == ["hash_similarity.png", "localization.png", "training_curves.png"], written
+    from PIL import Image
+
+    for name in written:
+        with Image.open(out / name) as figure:
+            levels = np.unique(np.asarray(figure.convert("L")))
+            assert min(figure.size) > 200 and len(levels) > 10  # not blank
+    assert main(["report", "--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
