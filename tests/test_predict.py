@@ -166,6 +166,7 @@ def test_cli_predict_with_a_checkpoint(inputs, tmp_path):
 
 def test_ground_truth_defaults_to_the_runs_dataset(tmp_path):
     import yaml
+
     from eval_helpers import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", n=4, size=96)
