@@ -114,27 +114,34 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=300, help="films per speed run")
     parser.add_argument("--stats-n", type=int, default=1200, help="films for the box statistics")
     parser.add_argument("--quick", action="store_true", help="small runs (a smoke test of this script)")
+    parser.add_argument("--parts", default="speed,stats,dice",
+                        help="parts to measure now (speed needs a quiet machine); the others keep their last figures")
     args = parser.parse_args()
     n, stats_n = (30, 120) if args.quick else (args.n, args.stats_n)
+    wanted = {part.strip() for part in args.parts.split(",") if part.strip()}
+    json_path = RESULTS / "synth.json"
+    payload = json.loads(json_path.read_text()) if json_path.is_file() and wanted != {"speed", "stats", "dice"} else {}
 
-    speed = [time_synthesize(n, size, 1) for size in (128, 256, 512)]
-    speed.append(time_synthesize(n, 256, 2))
-    parts = breakdown(256)
-    log.info("speed: %s; breakdown %s", speed, parts)
-    stats = box_statistics(stats_n)
-    dice = lung_dice(30 if args.quick else 100)
-    log.info("lung dice: %s", dice)
-
-    payload = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
-        "speed": speed,
-        "breakdown_256": parts,
-        "box_statistics": stats,
-        "lung_dice_classical": dice,
-    }
+    if "speed" in wanted:
+        speed = [time_synthesize(n, size, 1) for size in (128, 256, 512)]
+        speed.append(time_synthesize(n, 256, 2))
+        payload.update(speed=speed, breakdown_256=breakdown(256), speed_films=n)
+        log.info("speed: %s; breakdown %s", speed, payload["breakdown_256"])
+    if "stats" in wanted:
+        payload.update(box_statistics=box_statistics(stats_n), stats_films=stats_n)
+    if "dice" in wanted:
+        payload["lung_dice_classical"] = lung_dice(30 if args.quick else 100)
+        log.info("lung dice: %s", payload["lung_dice_classical"])
+    missing = [key for key in ("speed", "breakdown_256", "box_statistics") if key not in payload]
+    if missing:
+        parser.error(f"no earlier figures for {missing} in {json_path}; run with --parts speed,stats,dice")
+    payload.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   machine={"platform": platform.platform(), "processor": platform.processor()})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "synth.json").write_text(json.dumps(payload, indent=2) + "\n")
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    speed, parts, stats = payload["speed"], payload["breakdown_256"], payload["box_statistics"]
+    dice = payload.get("lung_dice_classical")
+    n, stats_n = payload.get("speed_films", n), payload.get("stats_films", stats_n)
 
     lines = [
         f"`synthesize` end to end (render, PNG encoding of image and mask, CSVs), {n} films. CPU img/s is",
