@@ -73,6 +73,8 @@ def rerun_arguments(args: argparse.Namespace) -> str:
         words.append(f"--annotated-fraction {args.annotated_fraction:g}")
     if args.name != "nih_sample":
         words += [f"--name {args.name}", f"--out {args.out}"]
+    if args.no_selected:
+        words.append("--no-selected")
     return " ".join(words)
 
 

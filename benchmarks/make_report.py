@@ -40,7 +40,10 @@ SECTIONS = [
     ("synthetic_crossval", "exp_synthetic_crossval.py", "Synthetic default: 5-fold ablation table"),
     ("gren_gradients", "exp_gren_gradients.py", "Why GREN trains like the baseline: gradient norms"),
     ("gren_selection", "exp_gren_selection.py", "GREN settings chosen on a separate synthetic dataset"),
+    ("gren_selection_round2", "exp_gren_selection.py --round2", "GREN settings, round 2: five folds"),
     ("nih_sample", "exp_nih_sample.py", "Real NIH sample: baseline vs GREN"),
+    ("nih_sample_long", "exp_nih_sample.py --epochs 32 --annotated-fraction 0.5 --name nih_sample_long "
+     "--out runs/nih-sample-long --no-selected", "Real NIH sample, the one-hour CPU configuration"),
 ]
 
 GPU_NOTE = (
