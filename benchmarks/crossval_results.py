@@ -87,18 +87,22 @@ def adopted_variant() -> tuple[str, str, list[str]] | None:
 
 
 def add_selected_variant(summary: dict, data: Path, out: Path, *, protocol: str, folds: int,
-                         config_file: str | None, overrides: list[str], only_folds, title: str) -> tuple[dict, Path]:
-    """Train the adopted GREN variant on the same folds into ``out/crossval-selected`` and return the
-    summary with its results added as one more row, and the folder holding the combined table.md.
+                         config_file: str | None, overrides: list[str], only_folds, title: str,
+                         variant: tuple[str, str, list[str]] | None = None, label: str | None = None,
+                         subdir: str = "crossval-selected") -> tuple[dict, Path]:
+    """Train a GREN variant on the same folds into ``out/<subdir>`` and return the summary with its
+    results added as one more row, and the folder holding the combined table.md
+    (``out/crossval-with-selected``).
 
-    Without an adopted variant, returns ``summary`` unchanged and ``None``.
+    ``variant`` is (name, method, overrides); default the one adopted by exp_gren_selection.py, labelled
+    "(selected on seed 7)". Without a variant, returns ``summary`` unchanged and ``None``.
     """
-    selected = adopted_variant()
+    selected = variant or adopted_variant()
     if selected is None:
         return summary, None
     name, method, extra = selected
-    label = f"{name} (selected on seed 7)"
-    extra_summary = run_crossval(data, [method], out / "crossval-selected", protocol=protocol, folds=folds,
+    label = label or f"{name} (selected on seed 7)"
+    extra_summary = run_crossval(data, [method], out / subdir, protocol=protocol, folds=folds,
                                  config_file=config_file, overrides=[*overrides, *extra], only_folds=only_folds,
                                  batch_size=32, progress=False)
     combined = {"trained": summary["trained"] + [(label, f) for _, f in extra_summary["trained"]],

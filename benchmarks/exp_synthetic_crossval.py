@@ -1,6 +1,7 @@
 """The GREN ablation on the synthetic default: B, B+Intra, B+Inter, GREN, B+Cosine over 5 folds.
 
     python benchmarks/exp_synthetic_crossval.py [--out gren-demo] [--methods ...] [--only-folds 0,1]
+        [--explore "VARIANT;VARIANT"]
 
 Runs (or reuses) ``gren demo`` in ``--out`` (synthetic data, prepared cache, baseline and GREN on
 fold 0), then extends the demo's cross-validation (``OUT/ablation``, protocol 0.5_0.8, 5 folds by
@@ -11,7 +12,8 @@ chosen on a separate synthetic dataset (see gren.eval.demo), not on these folds.
 
 When ``exp_gren_selection.py`` adopted a GREN variant (benchmarks/results/gren_selection.json, chosen
 on synthetic seed 7), that variant is trained on the same 5 folds too (``OUT/crossval-selected``)
-and added to the table as one more row: the held-out check of the selection.
+and added to the table as one more row: the held-out check of the selection. ``--explore`` adds other
+exp_gren_selection.py variants the same way, marked exploratory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from crossval_results import add_selected_variant, write_crossval_results
+from exp_gren_selection import VARIANTS, slug
 from gren.eval.crossval import run_crossval
 from gren.eval.demo import DemoSettings, run_demo
 
@@ -36,6 +39,8 @@ def main() -> int:
     parser.add_argument("--only-folds", default="", help="e.g. 0,1 (the table uses the folds that exist)")
     parser.add_argument("--methods", default=",".join(ABLATION))
     parser.add_argument("--no-selected", action="store_true", help="leave out the variant adopted by exp_gren_selection.py")
+    parser.add_argument("--explore", default="", help="';'-separated exp_gren_selection.py variant names to add as "
+                        "exploratory rows (not adopted by its rule; a look at held-out folds, not a selection)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -54,14 +59,27 @@ def main() -> int:
             overrides=settings.overrides(), only_folds=only,
             title=f"Cross-validation: protocol {settings.protocol}, {settings.folds} folds")
         table_dir = combined_dir or table_dir
+    explored = [v.strip() for v in args.explore.split(";") if v.strip()]
+    for name in explored:
+        method, extra = VARIANTS[name]
+        summary, table_dir = add_selected_variant(
+            summary, out / "cache", out, protocol=settings.protocol, folds=settings.folds, config_file="cpu-small",
+            overrides=settings.overrides(), only_folds=only,
+            title=f"Cross-validation: protocol {settings.protocol}, {settings.folds} folds",
+            variant=(name, method, extra), label=f"{name} (exploratory)", subdir=f"crossval-{slug(name)}")
     seconds = time.perf_counter() - start
     intro = [
         f"`gren demo`'s data ({settings.n} synthetic films, seed {settings.seed}, cached at {settings.size} px with the",
         "generator's lung masks) and training setting (ResNet-18, output stride 16, random init,",
         f"{settings.epochs} epochs of at most {settings.max_steps_per_epoch} batches of {settings.batch_size}, "
         f"{settings.optimizer} lr {settings.lr}), protocol {settings.protocol} by patient, every fold.",
-        "Rerun: `python benchmarks/exp_synthetic_crossval.py`.",
+        "Rerun: `python benchmarks/exp_synthetic_crossval.py"
+        + (f" --out {args.out}" if args.out != "gren-demo" else "")
+        + (f" --explore \"{';'.join(explored)}\"" if explored else "") + "`.",
     ]
+    if explored:
+        intro.insert(-1, "Rows marked exploratory: variants of exp_gren_selection.py round 2 that its rule did not adopt, "
+                     "trained here to look, not to choose.")
     path = write_crossval_results("synthetic_crossval", "Synthetic default: the GREN ablation over 5 folds", intro,
                                   table_dir, summary, {**vars(args), "demo": asdict(settings)}, seconds)
     log.info("wrote %s", path)

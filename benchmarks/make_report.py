@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -98,7 +99,7 @@ def run_scripts(only: set[str] | None) -> None:
     for name, script, _ in SECTIONS:
         if only and name not in only:
             continue
-        script_name, *script_args = script.split()
+        script_name, *script_args = shlex.split(script)
         path = HERE / script_name
         if not path.exists():
             log.warning("no script %s; skipping %s", script_name, name)
