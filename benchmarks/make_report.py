@@ -29,7 +29,8 @@ ROOT = HERE.parent
 SECTIONS = [
     ("phash", "bench_phash.py", "Perceptual hash: ours vs imagehash"),
     ("hash_signal", "hash_signal.py", "Does the lung hash carry the signal GREN assumes?"),
-    ("hash_signal_synthetic", "hash_signal_cache.py", "Hash signal in the synthetic demo's cache"),
+    ("hash_signal_synthetic", "hash_signal_cache.py --cache runs/synthetic-crossval/cache",
+     "Hash signal in the synthetic demo's cache"),
     ("hash_signal_nih_cache", "hash_signal_cache.py --cache runs/nih-sample/cache128 --name hash_signal_nih_cache",
      "Hash signal in the NIH sample's 128 px cache"),
     ("lungs", "bench_lungs.py", "Lung segmentation Dice on real films"),
