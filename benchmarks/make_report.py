@@ -39,7 +39,8 @@ SECTIONS = [
     ("train_step", "bench_train_step.py", "Training step: baseline vs GREN variants"),
     ("eval", "bench_eval.py", "Evaluation speed"),
     ("demo", "bench_demo.py", "`gren demo` end to end"),
-    ("synthetic_crossval", "exp_synthetic_crossval.py", "Synthetic default: 5-fold ablation table"),
+    ("synthetic_crossval", "exp_synthetic_crossval.py --out runs/synthetic-crossval "
+     "--explore 'gren-intra lambda x10;gren paper form, lambda x10'", "Synthetic default: 5-fold ablation table"),
     ("gren_gradients", "exp_gren_gradients.py", "Why GREN trains like the baseline: gradient norms"),
     ("gren_selection", "exp_gren_selection.py", "GREN settings chosen on a separate synthetic dataset"),
     ("gren_selection_round2", "exp_gren_selection.py --round2", "GREN settings, round 2: five folds"),
