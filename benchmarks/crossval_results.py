@@ -40,13 +40,21 @@ def training_minutes(run_dir: Path) -> float | None:
 
 
 def score_table(results: dict) -> list[str]:
-    """Markdown lines: per method, the :func:`selection_score` of each fold and their mean."""
+    """Markdown lines: per method, the :func:`selection_score` of each fold, their mean, and (when a
+    ``baseline`` row exists) on how many shared folds the method scored above the baseline (paired)."""
+    scores = {method: {r["fold"]: selection_score(r) for r in folds} for method, folds in results.items() if folds}
+    base = scores.get("baseline")
     lines = ["Score per fold (mean localization accuracy over T = 0.1, 0.3, 0.5; the selection score of",
-             "exp_gren_selection.py):", "", "| method | per fold | mean |", "| --- | --- | --- |"]
-    for method, folds in results.items():
-        scores = [selection_score(r) for r in sorted(folds, key=lambda r: r["fold"])]
-        if scores:
-            lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in scores)} | {sum(scores) / len(scores):.3f} |")
+             "exp_gren_selection.py); \"above\": folds on which the method scored above the baseline (paired):", "",
+             "| method | per fold | mean | above |", "| --- | --- | --- | --- |"]
+    for method, by_fold in scores.items():
+        values = [by_fold[f] for f in sorted(by_fold)]
+        above = "-"
+        if base is not None and method != "baseline":
+            shared = [f for f in by_fold if f in base]
+            above = f"{sum(by_fold[f] > base[f] for f in shared)} of {len(shared)}"
+        lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in values)} | {sum(values) / len(values):.3f} "
+                     f"| {above} |")
     return lines
 
 
