@@ -10,10 +10,12 @@ tested in a fold is left out of that fold). CPU configuration: ResNet-18 at outp
 ``--size`` px (8 x 8 cells at 128), random init, AdamW lr 1e-3 divided by 10 for the last epoch,
 ``--epochs`` epochs of at most ``--steps`` batches of 8, a share ``--annotated-fraction`` of each batch
 from the annotated images. Two settings are recorded: the short one (the defaults: 8 epochs, a quarter
-annotated, about 10 min per fold and method on one core) and the hour one
-(``--epochs 32 --annotated-fraction 0.5 --name nih_sample_long --out runs/nih-sample-long``: one fold of
-baseline and GREN in about an hour on 2 cores, the two methods run side by side with
-``OMP_NUM_THREADS=1``, then one more call without ``--methods`` writes the table). GPU configuration (the paper's): ``--gpu`` uses the default config
+annotated, about 10 min per fold and method on one core) and the one-hour one
+(``--epochs 32 --annotated-fraction 0.5 --name nih_sample_long --out runs/nih-sample-long --no-selected``:
+37 min per method on one core, so one fold of baseline and GREN in about 40 minutes on 2 cores when the
+two methods run side by side with ``OMP_NUM_THREADS=1`` and ``--methods baseline`` / ``--methods gren``;
+one more call without ``--methods`` then writes the table). GPU configuration (the paper's): ``--gpu``
+uses the default config
 (ResNet-50, 512 px, SGD, 9 epochs, batch 4) and ImageNet weights when available.
 
 When exp_gren_selection.py adopted a GREN variant (chosen on synthetic seed 7), it is trained on the same
