@@ -6,6 +6,7 @@ The lung hashes GREN trains with are the ones ``gren prepare`` stored (``lung_ha
 pHash per lung). From them:
 
 * intra-image: ROC AUC of the Hamming distance right vs left lung for "any finding" vs "No Finding";
+  computed by hash_signal.py's own ``intra_study`` / ``inter_study`` (the real-sample study);
 * inter-image: ROC AUC of minus the mean lung-to-lung Hamming distance for "the two images share a
   label" among pairs of abnormal images, and for "same normality" over all pairs.
 
@@ -22,36 +23,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 
 from crossval_results import RESULTS, machine
 from gren.data.cache import PreparedCache
-from gren.hashing import hamming, hamming_pairs
+from hash_signal import inter_study, intra_study, lung_inter_distance
 
 log = logging.getLogger("hash_signal_cache")
 
 
 def hash_signal(cache: PreparedCache) -> dict:
-    hashes = torch.from_numpy(np.array(cache.lung_hashes, dtype=bool))  # (N, 2, 64)
-    labels = np.array(cache.labels, dtype=bool)  # (N, 14)
+    """The figures of :func:`hash_signal.intra_study` / :func:`hash_signal.inter_study` (the real-sample
+    study's own functions) on a cache's stored lung hashes; prior-fallback images left out."""
     valid = ~np.array(cache.lung_fallback, dtype=bool)
-    hashes, labels = hashes[torch.from_numpy(valid)], labels[valid]
-    abnormal = labels.any(axis=1)
-    intra = hamming_pairs(hashes[:, 0], hashes[:, 1]).numpy()
-    inter = ((hamming(hashes[:, 0], hashes[:, 0]) + hamming(hashes[:, 1], hashes[:, 1])).numpy() / 2.0)
-    upper = np.triu_indices(len(hashes), 1)
-    pair_distance = inter[upper]
-    shares = (labels[:, None, :] & labels[None, :, :]).any(-1)[upper]
-    both_abnormal = (abnormal[:, None] & abnormal[None, :])[upper]
-    same_normality = (abnormal[:, None] == abnormal[None, :])[upper]
+    hashes = torch.from_numpy(np.array(cache.lung_hashes, dtype=bool)[valid])  # (N, 2, 64)
+    labels = np.array(cache.labels, dtype=bool)[valid]  # (N, 14)
+    normal = ~labels.any(axis=1)
+    table = pd.DataFrame({"normal": normal, "labels": [frozenset(np.flatnonzero(row)) for row in labels]})
+    intra = intra_study(hashes, normal)
+    inter = inter_study(lung_inter_distance(hashes), table)
     return {
-        "images": int(len(hashes)), "no_finding": int((~abnormal).sum()), "with_findings": int(abnormal.sum()),
+        "images": int(len(table)), "no_finding": int(normal.sum()), "with_findings": int((~normal).sum()),
         "fallback_left_out": int((~valid).sum()),
-        "intra_mean_no_finding": float(intra[~abnormal].mean()), "intra_mean_findings": float(intra[abnormal].mean()),
-        "intra_auc": float(roc_auc_score(abnormal, intra)),
-        "inter_auc_share_label": float(roc_auc_score(shares[both_abnormal], -pair_distance[both_abnormal])),
-        "inter_auc_same_normality": float(roc_auc_score(same_normality, -pair_distance)),
+        "intra_mean_no_finding": intra["mean_distance_no_finding"],
+        "intra_mean_findings": intra["mean_distance_with_findings"],
+        "intra_auc": intra["auc_findings_vs_no_finding"], "intra_auc_95ci": intra["auc_95ci"],
+        "inter_auc_share_label": inter["auc_share_label"],
+        "inter_auc_same_normality": inter["auc_same_normality"],
     }
 
 
@@ -76,7 +75,8 @@ def main() -> int:
              "", "| figure | value |", "| --- | --- |",
              f"| intra: mean right-left Hamming, No Finding / findings | {f['intra_mean_no_finding']:.1f} / "
              f"{f['intra_mean_findings']:.1f} |",
-             f"| intra: AUC findings vs No Finding | {f['intra_auc']:.3f} |",
+             f"| intra: AUC findings vs No Finding (95% bootstrap CI) | {f['intra_auc']:.3f} "
+             f"({f['intra_auc_95ci'][0]:.3f}-{f['intra_auc_95ci'][1]:.3f}) |",
              f"| inter: AUC shares a label (pairs of abnormal images) | {f['inter_auc_share_label']:.3f} |",
              f"| inter: AUC same normality (all pairs) | {f['inter_auc_same_normality']:.3f} |"]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
