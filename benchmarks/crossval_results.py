@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gren.eval.crossval import TABLE_MD, run_crossval
+from gren.eval.report import read_metrics
 from gren.eval.table import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,10 +34,8 @@ def selection_score(result: dict) -> float:
 
 def training_minutes(run_dir: Path) -> float | None:
     """Minutes of training (sum of the epochs' ``time_s`` in ``run_dir/metrics.jsonl``), or None."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    return sum(json.loads(line)["time_s"] for line in metrics.read_text().splitlines() if line.strip()) / 60.0
+    epochs = read_metrics(run_dir)
+    return sum(line["time_s"] for line in epochs) / 60.0 if epochs else None
 
 
 def score_table(results: dict) -> list[str]:

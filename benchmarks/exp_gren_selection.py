@@ -37,6 +37,7 @@ from gren.data.prepare import prepare_cache
 from gren.data.synth import synthesize
 from gren.eval.crossval import pair_dir, run_crossval
 from gren.eval.demo import DemoSettings
+from gren.eval.report import read_metrics
 from gren.train.config import default_config
 
 log = logging.getLogger("exp_gren_selection")
@@ -63,6 +64,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gren-intra lambda x30": ("gren-intra", ["graph.lambda_intra=3.3"]),
     "gren paper form, lambda x10": ("gren", ["graph.form=paper", "graph.lambda_intra=1.1", "graph.lambda_inter=1.5"]),
 }
+# Round 1 (folds 0, 1; the default run): the variants declared before round 2.
+ROUND1 = ("baseline", "gren (paper lambda 0.11/0.15)", "gren lambda x10", "gren lambda x100",
+          "gren contrastive, lambda x10", "gren lung-vector inter, lambda x10", "gren rank edges, lambda x10")
 # Round 2 (five folds): the baseline, the paper's setting, round 1's two best variants and the new rows.
 ROUND2 = ("baseline", "gren (paper lambda 0.11/0.15)", "gren lambda x10", "gren lung-vector inter, lambda x10",
           "gren-intra lambda x10", "gren-intra lambda x30", "gren paper form, lambda x10")
@@ -97,7 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/gren-selection")
     parser.add_argument("--folds", default="0,1")
-    parser.add_argument("--variants", default="", help="';'-separated subset of the names (default: all)")
+    parser.add_argument("--variants", default="", help="';'-separated subset of the names (default: round 1's)")
     parser.add_argument("--name", default=None, help="results/NAME.json and .md (gren_selection, with --round2 "
                         "gren_selection_round2)")
     parser.add_argument("--round2", action="store_true", help="round 2: ROUND2's variants (unless --variants) "
@@ -112,7 +116,7 @@ def main() -> int:
     settings = replace(DemoSettings(), seed=SELECTION_SEED)
     out = Path(args.out)
     folds = [int(f) for f in args.folds.split(",") if f.strip()]
-    wanted = [v.strip() for v in args.variants.split(";") if v.strip()] or list(VARIANTS)
+    wanted = [v.strip() for v in args.variants.split(";") if v.strip()] or list(ROUND1)
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
@@ -134,9 +138,9 @@ def main() -> int:
         results = [r for r in summary["results"][method] if r["fold"] in folds]
         final_losses = []  # the last epoch's logged loss parts of each fold (graph terms already times lambda)
         for fold in folds:
-            metrics = pair_dir(out / "variants" / slug(name), method, fold) / "metrics.jsonl"
-            if metrics.is_file():
-                final_losses.append(json.loads(metrics.read_text().splitlines()[-1])["loss"])
+            epochs = read_metrics(pair_dir(out / "variants" / slug(name), method, fold))
+            if epochs:
+                final_losses.append(epochs[-1]["loss"])
         scores = [selection_score(r) for r in results]
         rows.append({
             "variant": name, "method": method, "overrides": extra, "folds": [r["fold"] for r in results],

@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from statistics import fmean
 
 from crossval_results import add_selected_variant, adopted_variant, training_minutes, write_crossval_results
 from gren.data.prepare import prepare_cache
@@ -55,18 +56,18 @@ def headline(results: dict) -> str:
     parts = []
     for method, folds in results.items():
         if folds:
-            mean = lambda values: sum(values) / len(values)  # noqa: E731
-            acc = mean([r["accuracy"]["mean"]["0.1"] for r in folds])
-            cardio = mean([r["accuracy"]["Cardiomegaly"]["0.1"] for r in folds
-                           if r["accuracy"]["Cardiomegaly"]["0.1"] is not None] or [float("nan")])
-            auc = mean([r["auc"]["mean"] for r in folds])
-            parts.append(f"{method}: accuracy at T = 0.1 {acc:.3f} (Cardiomegaly {cardio:.2f}), AUC {auc:.3f}")
+            acc = fmean(r["accuracy"]["mean"]["0.1"] for r in folds)
+            cardio = [r["accuracy"]["Cardiomegaly"]["0.1"] for r in folds if r["accuracy"]["Cardiomegaly"]["0.1"] is not None]
+            auc = fmean(r["auc"]["mean"] for r in folds)
+            parts.append(f"{method}: accuracy at T = 0.1 {acc:.3f} (Cardiomegaly "
+                         f"{fmean(cardio) if cardio else float('nan'):.2f}), AUC {auc:.3f}")
     return "; ".join(parts) or "-"
 
 
-def rerun_arguments(args: argparse.Namespace) -> str:
-    """The command-line arguments that reproduce this configuration (all five folds)."""
-    words = ["--folds 0,1,2,3,4"]
+def rerun_arguments(args: argparse.Namespace, results: dict) -> str:
+    """The command-line arguments that reproduce this configuration on the folds that have results."""
+    folds = sorted({r["fold"] for runs in results.values() for r in runs}) or [0]
+    words = [f"--folds {','.join(map(str, folds))}"]
     if args.gpu:
         return " ".join(words + ["--gpu"])
     if args.epochs != 8:
@@ -134,7 +135,7 @@ def main() -> int:
            f"{args.annotated_fraction:g} of each batch annotated, AdamW."),
         f"Training time per fold, mean over folds (from each run's metrics.jsonl): {minutes_text}.",
         f"Means over the folds run: {headline(summary['results'])}. Reading: docs/gren_study.md.",
-        f"Rerun: `python benchmarks/exp_nih_sample.py {rerun_arguments(args)}`.",
+        f"Rerun: `python benchmarks/exp_nih_sample.py {rerun_arguments(args, summary['results'])}`.",
     ]
     title = "Real NIH sample: baseline vs GREN" + ("" if args.name == "nih_sample" else f" ({args.name})")
     path = write_crossval_results(args.name, title, intro, table_dir, summary,

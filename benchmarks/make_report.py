@@ -26,13 +26,11 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 
 # (result name, script, one-line title) in the order they appear in BENCHMARKS.md
+# In run order: a section that reads another's output (the hash-signal sections read the caches the
+# cross-validations prepare) comes after it.
 SECTIONS = [
     ("phash", "bench_phash.py", "Perceptual hash: ours vs imagehash"),
     ("hash_signal", "hash_signal.py", "Does the lung hash carry the signal GREN assumes?"),
-    ("hash_signal_synthetic", "hash_signal_cache.py --cache runs/synthetic-crossval/cache",
-     "Hash signal in the synthetic demo's cache"),
-    ("hash_signal_nih_cache", "hash_signal_cache.py --cache runs/nih-sample/cache128 --name hash_signal_nih_cache",
-     "Hash signal in the NIH sample's 128 px cache"),
     ("lungs", "bench_lungs.py", "Lung segmentation Dice on real films"),
     ("synth", "bench_synth.py", "Synthetic data generator speed"),
     ("prepare", "bench_prepare.py", "`gren prepare`: cached loading vs on-the-fly decoding"),
@@ -41,10 +39,14 @@ SECTIONS = [
     ("demo", "bench_demo.py", "`gren demo` end to end"),
     ("synthetic_crossval", "exp_synthetic_crossval.py --out runs/synthetic-crossval "
      "--explore 'gren-intra lambda x10;gren paper form, lambda x10'", "Synthetic default: 5-fold ablation table"),
+    ("hash_signal_synthetic", "hash_signal_cache.py --cache runs/synthetic-crossval/cache",
+     "Hash signal in the synthetic demo's cache"),
     ("gren_gradients", "exp_gren_gradients.py", "Why GREN trains like the baseline: gradient norms"),
     ("gren_selection", "exp_gren_selection.py", "GREN settings chosen on a separate synthetic dataset"),
     ("gren_selection_round2", "exp_gren_selection.py --round2", "GREN settings, round 2: five folds"),
     ("nih_sample", "exp_nih_sample.py", "Real NIH sample: baseline vs GREN"),
+    ("hash_signal_nih_cache", "hash_signal_cache.py --cache runs/nih-sample/cache128 --name hash_signal_nih_cache",
+     "Hash signal in the NIH sample's 128 px cache"),
     ("nih_sample_long", "exp_nih_sample.py --epochs 32 --annotated-fraction 0.5 --name nih_sample_long "
      "--out runs/nih-sample-long --no-selected", "Real NIH sample, the one-hour CPU configuration"),
 ]
