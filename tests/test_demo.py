@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 from gren.cli import main
 from gren.data.labels import BOX_CLASSES
 
 
-def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
+def test_demo_quick_end_to_end_and_resume(tmp_path, capsys, caplog):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--n", "48", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -36,3 +37,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     summary = run_demo(out, DemoSettings.quick(48), progress=False)
     assert summary["trained"] == []
     assert (out / "ablation" / "gren" / "fold_0" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+
+    # the same folder with another image count is refused, not silently reused
+    with caplog.at_level(logging.ERROR, logger="gren.cli"):
+        assert main(["demo", "--quick", "--n", "60", "--out", str(out)]) == 2
+    assert any("n=48" in r.getMessage() and "other settings" in r.getMessage() for r in caplog.records)

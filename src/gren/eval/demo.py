@@ -71,7 +71,12 @@ def _synthesize(out: Path, settings: DemoSettings, progress: bool = True) -> Pat
 
     data = out / "data"
     done = data / ".gren_demo_complete"
+    made_with = f"n={settings.n} size={settings.synth_size} seed={settings.seed}"
     if done.is_file() and any((data / name).is_file() for name in DATA_ENTRY_NAMES):
+        found = done.read_text().strip()
+        if found != made_with:
+            raise GrenError(f"{data} holds synthetic data made with other settings ({found}; this run needs "
+                            f"{made_with}); use another --out or delete it")
         log.info("step 1/5: synthetic data already in %s", data)
         return data
     from gren.data.synth import synthesize
@@ -79,7 +84,7 @@ def _synthesize(out: Path, settings: DemoSettings, progress: bool = True) -> Pat
     log.info("step 1/5: synthesising %d images (%d px) into %s", settings.n, settings.synth_size, data)
     synthesize(data, n=settings.n, size=settings.synth_size, seed=settings.seed, workers=min(2, os.cpu_count() or 1),
                progress=progress)
-    done.write_text(f"n={settings.n} size={settings.synth_size} seed={settings.seed}\n")
+    done.write_text(made_with + "\n")
     return data
 
 
@@ -91,6 +96,25 @@ def _prepare(data: Path, out: Path, settings: DemoSettings) -> Path:
     log.info("step 2/5: preparing %s -> %s (%d px, lungs %s)", data, cache, settings.size, lungs)
     prepare_cache(data, cache, size=settings.size, lungs=lungs, workers=min(2, os.cpu_count() or 1))
     return cache
+
+
+def prepare_synthetic(out: str | os.PathLike, settings: DemoSettings | None = None, progress: bool = True,
+                      seconds: dict[str, float] | None = None) -> tuple[Path, Path]:
+    """Steps 1-2 of the demo: synthesise ``OUT/data`` and prepare ``OUT/cache`` (each skipped when done).
+
+    Returns (data folder, cache folder); adds the steps' wall-clock seconds to ``seconds`` when given.
+    """
+    settings = settings or DemoSettings()
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
+    data = _synthesize(out, settings, progress)
+    seconds["synthesize"] = time.perf_counter() - start
+    start = time.perf_counter()
+    cache = _prepare(data, out, settings)
+    seconds["prepare"] = time.perf_counter() - start
+    return data, cache
 
 
 def run_demo(out: str | os.PathLike = "gren-demo", settings: DemoSettings | None = None,
@@ -107,13 +131,7 @@ def run_demo(out: str | os.PathLike = "gren-demo", settings: DemoSettings | None
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    data = _synthesize(out, settings, progress)
-    seconds["synthesize"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    cache = _prepare(data, out, settings)
-    seconds["prepare"] = time.perf_counter() - start
+    data, cache = prepare_synthetic(out, settings, progress, seconds)
 
     start = time.perf_counter()
     log.info("step 3/5: training and evaluating %s on fold 0 (protocol %s)", " and ".join(DEMO_METHODS),
