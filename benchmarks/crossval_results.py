@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from scipy.stats import t as student_t
 
 from gren.eval.crossval import TABLE_MD, run_crossval
 from gren.eval.report import read_metrics
@@ -38,22 +41,41 @@ def training_minutes(run_dir: Path) -> float | None:
     return sum(line["time_s"] for line in epochs) / 60.0 if epochs else None
 
 
+def paired_difference(scores: dict[int, float], base: dict[int, float]) -> tuple[float, float, float, int]:
+    """Mean of the per-fold differences ``scores[f] - base[f]`` over the folds both have, with its 95 %
+    Student-t interval (n - 1 degrees of freedom): (mean, low, high, n). The interval is (nan, nan) below 2 folds."""
+    shared = sorted(f for f in scores if f in base)
+    diffs = [scores[f] - base[f] for f in shared]
+    if not diffs:
+        return math.nan, math.nan, math.nan, 0
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, math.nan, math.nan, len(diffs)
+    half = float(student_t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half, len(diffs)
+
+
 def score_table(results: dict) -> list[str]:
     """Markdown lines: per method, the :func:`selection_score` of each fold, their mean, and (when a
-    ``baseline`` row exists) on how many shared folds the method scored above the baseline (paired)."""
+    ``baseline`` row exists) on how many shared folds the method scored above the baseline and the
+    :func:`paired_difference` to it with its 95 % interval."""
     scores = {method: {r["fold"]: selection_score(r) for r in folds} for method, folds in results.items() if folds}
     base = scores.get("baseline")
     lines = ["Score per fold (mean localization accuracy over T = 0.1, 0.3, 0.5; the selection score of",
-             "exp_gren_selection.py); \"above\": folds on which the method scored above the baseline (paired):", "",
-             "| method | per fold | mean | above |", "| --- | --- | --- | --- |"]
+             "exp_gren_selection.py); \"above\": folds on which the method scored above the baseline (paired);",
+             "\"paired difference\": mean over folds of (method - baseline) with its 95 % t-interval. A difference",
+             "counts as resolved only when that interval excludes 0.", "",
+             "| method | per fold | mean | above | paired difference [95 % CI] |", "| --- | --- | --- | --- | --- |"]
     for method, by_fold in scores.items():
         values = [by_fold[f] for f in sorted(by_fold)]
-        above = "-"
+        above = paired = "-"
         if base is not None and method != "baseline":
             shared = [f for f in by_fold if f in base]
             above = f"{sum(by_fold[f] > base[f] for f in shared)} of {len(shared)}"
+            mean, low, high, _ = paired_difference(by_fold, base)
+            paired = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if not math.isnan(low) else f"{mean:+.3f}"
         lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in values)} | {sum(values) / len(values):.3f} "
-                     f"| {above} |")
+                     f"| {above} | {paired} |")
     return lines
 
 
