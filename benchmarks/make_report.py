@@ -55,7 +55,11 @@ GPU_NOTE = (
     "## GPU\n\nNo GPU machine was lent to the sessions that produced these figures, so nothing here was "
     "measured on a GPU. The GPU configurations are ready: `python benchmarks/bench_train_step.py --gpu` "
     "(images/s of baseline and GREN at 512 px / ResNet-50, bf16, channels_last, compile on and off) and "
-    "`python benchmarks/exp_nih_sample.py --gpu --folds 0,1,2,3,4` (the paper's setting on the NIH sample)."
+    "`python benchmarks/exp_nih_sample.py --gpu --folds 0,1,2,3,4` (the paper's setting on the NIH sample). "
+    "Full NIH at the paper's setting (ResNet-50, 512 px, 9 epochs, batch 4: the default config) is README's "
+    "\"Using the real NIH ChestX-ray14\" recipe: `gren prepare --data NIH --out cache512 --size 512`, then "
+    "`gren crossval --data cache512 --methods baseline,gren-intra,gren-inter,gren,gren-cosine --protocol 0.5_0.8 "
+    "--folds 5 --out nih-0.5_0.8 model.weights=imagenet`."
 )
 
 log = logging.getLogger("benchmarks")
