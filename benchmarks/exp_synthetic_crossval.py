@@ -15,7 +15,9 @@ separate synthetic dataset (see gren.eval.demo), not on these folds.
 (``--n 4000``) exists because the 800-film folds hold about 70 test boxes each and their fold spread
 was about ten times the method differences. Its reading was declared before it was run (2026-11-24):
 a method differs from the baseline only when the 95 % t-interval of its mean paired difference over
-the 5 folds excludes 0; no setting is chosen on it.
+the 5 folds excludes 0; no setting is chosen on it. The variants chosen or singled out on synthetic
+seed 7 (round 1's adopted pick and round 2's two 5-of-5 variants, ``--explore``) are run on it as
+held-out checks: a variant's gain is confirmed only when its interval lies above 0.
 
 When ``exp_gren_selection.py`` adopted a GREN variant (benchmarks/results/gren_selection.json, chosen
 on synthetic seed 7), that variant is trained on the same 5 folds too (``OUT/crossval-selected``)
