@@ -32,7 +32,7 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from crossval_results import RESULTS, machine, selection_score
+from crossval_results import RESULTS, machine, paired_difference, selection_score
 from gren.data.prepare import prepare_cache
 from gren.data.synth import synthesize
 from gren.eval.crossval import pair_dir, run_crossval
@@ -89,12 +89,15 @@ def _unweighted(row: dict, term: str) -> str:
 
 
 def _folds_above(row: dict, baseline: dict | None) -> str:
-    """"k of n": on how many shared folds the variant scored above the baseline (paired; "-" for the baseline)."""
+    """"k of n; +d [low, high]": on how many shared folds the variant scored above the baseline, and the mean
+    paired difference with its 95 % t-interval (:func:`crossval_results.paired_difference`; "-" for the baseline)."""
     if baseline is None or row is baseline:
         return "-"
     base = dict(zip(baseline["folds"], baseline["score_per_fold"]))
-    pairs = [(score, base[fold]) for fold, score in zip(row["folds"], row["score_per_fold"]) if fold in base]
-    return f"{sum(score > reference for score, reference in pairs)} of {len(pairs)}"
+    scores = dict(zip(row["folds"], row["score_per_fold"]))
+    mean, low, high, n = paired_difference(scores, base)
+    above = sum(score > base[fold] for fold, score in scores.items() if fold in base)
+    return f"{above} of {n}; {mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def main() -> int:
@@ -180,11 +183,14 @@ def main() -> int:
           ["The rank-edge row was added to the list after the first three rows had been seen."]),
         "Rerun: `python benchmarks/exp_gren_selection.py" + (" --round2`." if round2 else "`."),
         "",
+        "The paired difference (mean over folds of variant - baseline, 95 % t-interval) is shown for reading;",
+        "the adoption rule is the one declared above.",
+        "",
         "D_intra, D_inter: the unweighted graph terms in the last epoch (mean edge penalty; lung-feature",
         "distances are in [0, 2]); small values mean the features were pulled together. The paper form's",
         "terms, -(H/64) d, are negative by definition.",
         "",
-        "| variant | score | per fold | above the baseline | acc T=0.1 | T=0.3 | T=0.5 | T=0.7 | mean AUC | D_intra "
+        "| variant | score | per fold | above the baseline; paired difference [95 % CI] | acc T=0.1 | T=0.3 | T=0.5 | T=0.7 | mean AUC | D_intra "
         "| D_inter |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
