@@ -39,6 +39,9 @@ SECTIONS = [
     ("demo", "bench_demo.py", "`gren demo` end to end"),
     ("synthetic_crossval", "exp_synthetic_crossval.py --out runs/synthetic-crossval "
      "--explore 'gren-intra lambda x10;gren paper form, lambda x10'", "Synthetic default: 5-fold ablation table"),
+    ("synthetic_crossval_large", "exp_synthetic_crossval.py --out runs/synthetic-large --n 4000 "
+     "--name synthetic_crossval_large --explore 'gren-intra lambda x10;gren paper form, lambda x10'",
+     "Synthetic, 4,000 films: 5-fold ablation table"),
     ("hash_signal_synthetic", "hash_signal_cache.py --cache runs/synthetic-crossval/cache",
      "Hash signal in the synthetic demo's cache"),
     ("gren_gradients", "exp_gren_gradients.py", "Why GREN trains like the baseline: gradient norms"),
