@@ -37,6 +37,7 @@ from statistics import fmean
 from crossval_results import add_selected_variant, adopted_variant, training_minutes, write_crossval_results
 from gren.data.prepare import prepare_cache
 from gren.eval.crossval import pair_dir, parse_methods, run_crossval
+from gren.eval.evaluate import EVAL_JSON
 from gren.paths import shared_data_dir
 
 log = logging.getLogger("exp_nih_sample")
@@ -125,15 +126,18 @@ def main() -> int:
     selected = adopted_variant()
     if selected is not None and not args.no_selected and not args.gpu:
         run_dirs[f"{selected[0]} (selected)"] = [pair_dir(out / "crossval-selected", selected[1], f) for f in range(5)]
-    minutes = {label: [m for m in map(training_minutes, dirs) if m is not None] for label, dirs in run_dirs.items()}
-    minutes_text = "; ".join(f"{label} {sum(v) / len(v):.1f} min" for label, v in minutes.items() if v) or "-"
+    # only evaluated folds: a fold still training would pull the figure down
+    minutes = {label: [training_minutes(d) for d in dirs if (d / EVAL_JSON).is_file()] for label, dirs in run_dirs.items()}
+    minutes_text = "; ".join(f"{label} {' / '.join(f'{m:.1f}' for m in v if m is not None)} min"
+                             for label, v in minutes.items() if any(m is not None for m in v)) or "-"
     intro = [
         f"{args.data}: annotated images split 80/20 by patient in 5 folds, all other images as the",
         f"weakly-labelled pool (protocol 1.0_0.8); lungs {args.lungs}; "
         + ("the paper's GPU configuration." if args.gpu else
            f"CPU configuration: ResNet-18, {size} px, {args.epochs} epochs of at most {args.steps} batches of 8, "
            f"{args.annotated_fraction:g} of each batch annotated, AdamW."),
-        f"Training time per fold, mean over folds (from each run's metrics.jsonl): {minutes_text}.",
+        f"Training time of each evaluated fold (sum of the epochs' wall-clock time in metrics.jsonl; longer when "
+        f"the machine was shared): {minutes_text}.",
         f"Means over the folds run: {headline(summary['results'])}. Reading: docs/gren_study.md.",
         f"Rerun: `python benchmarks/exp_nih_sample.py {rerun_arguments(args, summary['results'])}`.",
     ]
