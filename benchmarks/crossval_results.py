@@ -55,6 +55,11 @@ def paired_difference(scores: dict[int, float], base: dict[int, float]) -> tuple
     return mean, mean - half, mean + half, len(diffs)
 
 
+def format_paired(mean: float, low: float, high: float) -> str:
+    """``+0.012 [-0.004, +0.028]``; the mean alone when there is no interval (one shared fold)."""
+    return f"{mean:+.3f}" if math.isnan(low) else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def score_table(results: dict) -> list[str]:
     """Markdown lines: per method, the :func:`selection_score` of each fold, their mean, and (when a
     ``baseline`` row exists) on how many shared folds the method scored above the baseline and the
@@ -72,8 +77,7 @@ def score_table(results: dict) -> list[str]:
         if base is not None and method != "baseline":
             shared = [f for f in by_fold if f in base]
             above = f"{sum(by_fold[f] > base[f] for f in shared)} of {len(shared)}"
-            mean, low, high, _ = paired_difference(by_fold, base)
-            paired = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if not math.isnan(low) else f"{mean:+.3f}"
+            paired = format_paired(*paired_difference(by_fold, base)[:3])
         lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in values)} | {sum(values) / len(values):.3f} "
                      f"| {above} | {paired} |")
     return lines
