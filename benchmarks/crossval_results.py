@@ -55,6 +55,12 @@ def paired_difference(scores: dict[int, float], base: dict[int, float]) -> tuple
     return mean, mean - half, mean + half, len(diffs)
 
 
+def folds_above(scores: dict[int, float], base: dict[int, float]) -> str:
+    """"k of n": on how many of the folds both have ``scores`` is above ``base`` (paired)."""
+    shared = [f for f in scores if f in base]
+    return f"{sum(scores[f] > base[f] for f in shared)} of {len(shared)}"
+
+
 def format_paired(mean: float, low: float, high: float) -> str:
     """``+0.012 [-0.004, +0.028]``; the mean alone when there is no interval (one shared fold)."""
     return f"{mean:+.3f}" if math.isnan(low) else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
@@ -75,8 +81,7 @@ def score_table(results: dict) -> list[str]:
         values = [by_fold[f] for f in sorted(by_fold)]
         above = paired = "-"
         if base is not None and method != "baseline":
-            shared = [f for f in by_fold if f in base]
-            above = f"{sum(by_fold[f] > base[f] for f in shared)} of {len(shared)}"
+            above = folds_above(by_fold, base)
             paired = format_paired(*paired_difference(by_fold, base)[:3])
         lines.append(f"| {method} | {' / '.join(f'{x:.3f}' for x in values)} | {sum(values) / len(values):.3f} "
                      f"| {above} | {paired} |")

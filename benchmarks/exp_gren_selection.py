@@ -32,7 +32,7 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from crossval_results import RESULTS, format_paired, machine, paired_difference, selection_score
+from crossval_results import RESULTS, folds_above, format_paired, machine, paired_difference, selection_score
 from gren.data.prepare import prepare_cache
 from gren.data.synth import synthesize
 from gren.eval.crossval import pair_dir, run_crossval
@@ -95,9 +95,7 @@ def _folds_above(row: dict, baseline: dict | None) -> str:
         return "-"
     base = dict(zip(baseline["folds"], baseline["score_per_fold"]))
     scores = dict(zip(row["folds"], row["score_per_fold"]))
-    mean, low, high, n = paired_difference(scores, base)
-    above = sum(score > base[fold] for fold, score in scores.items() if fold in base)
-    return f"{above} of {n}; {format_paired(mean, low, high)}"
+    return f"{folds_above(scores, base)}; {format_paired(*paired_difference(scores, base)[:3])}"
 
 
 def main() -> int:

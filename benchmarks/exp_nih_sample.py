@@ -127,9 +127,9 @@ def main() -> int:
     if selected is not None and not args.no_selected and not args.gpu:
         run_dirs[f"{selected[0]} (selected)"] = [pair_dir(out / "crossval-selected", selected[1], f) for f in range(5)]
     # only evaluated folds: a fold still training would pull the figure down
-    minutes = {label: [training_minutes(d) for d in dirs if (d / EVAL_JSON).is_file()] for label, dirs in run_dirs.items()}
-    minutes_text = "; ".join(f"{label} {' / '.join(f'{m:.1f}' for m in v if m is not None)} min"
-                             for label, v in minutes.items() if any(m is not None for m in v)) or "-"
+    minutes = {label: [m for d in dirs if (d / EVAL_JSON).is_file() and (m := training_minutes(d)) is not None]
+               for label, dirs in run_dirs.items()}
+    minutes_text = "; ".join(f"{label} {' / '.join(f'{m:.1f}' for m in v)} min" for label, v in minutes.items() if v) or "-"
     intro = [
         f"{args.data}: annotated images split 80/20 by patient in 5 folds, all other images as the",
         f"weakly-labelled pool (protocol 1.0_0.8); lungs {args.lungs}; "

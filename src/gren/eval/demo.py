@@ -129,7 +129,6 @@ def run_demo(out: str | os.PathLike = "gren-demo", settings: DemoSettings | None
 
     settings = settings or DemoSettings()
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     data, cache = prepare_synthetic(out, settings, progress, seconds)
 
