@@ -26,7 +26,7 @@ class FakePredictor:
         maps[:, k, 1:3, 1:3] = 0.9
         maps[:, k, 5, 6] = 0.8
         probs = 1 - np.prod(1 - maps, axis=(2, 3))
-        return maps, probs
+        return maps, probs, np.full(probs.shape, 0.5, dtype=np.float32)
 
 
 def test_cell_regions_boxes_in_image_pixels():

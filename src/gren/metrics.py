@@ -16,6 +16,12 @@ factorises into an outer product of per-column widths and per-row heights. IoU a
 invariant under an axis-aligned rescaling of image and box together, so they can be computed in
 any pixel space (the original file's or the ``S x S`` cache's) as long as box and image size agree.
 
+The cell threshold belongs to the method (:class:`gren.methods.protocol.Localization`): ``0.5`` for the
+grid-MIL methods, a fraction of the normalised map for CAM methods; every function here takes it as a
+scalar or one value per map. :func:`wang_box_scores` is Wang et al.'s own rule, reported beside ours:
+a box around each 8-connected component of the positive cells, and a ground-truth box is scored by the
+best IoU (IoBB) of any component box of its class.
+
 Classes without test boxes get accuracy ``None`` (``null`` in JSON) and are left out of the mean;
 labels whose test images are all positive or all negative get AUC ``None`` and are left out of the
 mean AUC.
@@ -58,7 +64,7 @@ def grid_box_overlap(
         prob: ``(N, h, w)`` probability maps (or one ``(h, w)`` map), each covering its whole image.
         box_xyxy: ``(N, 4)`` boxes (or one ``(4,)``) ``x1, y1, x2, y2`` in image pixels.
         image_size: ``(width, height)`` in pixels, shared, or ``(N, 2)`` one per map.
-        threshold: a cell is positive when ``prob > threshold``.
+        threshold: a cell is positive when ``prob > threshold``: a scalar, or ``(N,)`` one per map.
 
     Returns:
         ``(intersection, positive_area, box_area)``, each float64 ``(N,)`` in square pixels:
@@ -87,13 +93,25 @@ def grid_box_overlap(
     # per-column overlap width and per-row overlap height of cell and box, in pixels
     overlap_w = (torch.minimum((cols + 1) * cell_w, x2) - torch.maximum(cols * cell_w, x1)).clamp_min(0)  # (N, w)
     overlap_h = (torch.minimum((rows + 1) * cell_h, y2) - torch.maximum(rows * cell_h, y1)).clamp_min(0)  # (N, h)
-    positive = maps > threshold  # (N, h, w) bool
+    positive = maps > _per_map(threshold, n)  # (N, h, w) bool
     # sum_ij pos_ij * oh_i * ow_j  ==  oh^T (pos ow): the big product in float32, the rest in float64
     per_row = torch.bmm(positive.to(torch.float32), overlap_w.to(torch.float32).unsqueeze(2)).squeeze(2)  # (N, h)
     intersection = (per_row.to(torch.float64) * overlap_h).sum(dim=1)
     positive_area = positive.sum(dim=(1, 2)).to(torch.float64) * (cell_w * cell_h).squeeze(1)
     box_area = ((x2 - x1).clamp_min(0) * (y2 - y1).clamp_min(0)).squeeze(1)
     return intersection, positive_area, box_area
+
+
+def _per_map(threshold, n: int):
+    """A scalar threshold as it is; a tensor / array of ``n`` values as ``(n, 1, 1)`` float32."""
+    if isinstance(threshold, (int, float)):
+        return float(threshold)
+    values = _as_tensor(threshold, dtype=torch.float32).reshape(-1)
+    if values.numel() == 1:
+        return float(values[0])
+    if values.numel() != n:
+        raise ValueError(f"threshold must be a scalar or one value per map ({n}), got {values.numel()} values")
+    return values.reshape(n, 1, 1)
 
 
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -149,6 +167,7 @@ def score_boxes(
         boxes: ``B`` arrays ``(n_i, 4)`` xyxy in the pixels of the image the maps cover.
         box_labels: ``B`` arrays ``(n_i,)`` of LABELS indices.
         image_size: ``(width, height)`` shared by the batch, or ``(B, 2)``.
+        threshold: a cell is positive when ``map > threshold``: a scalar or ``(B, K)``.
 
     Returns:
         ``(ious (M,), iobbs (M,), class names (M,))`` for the ``M = sum n_i`` boxes, float64.
@@ -167,10 +186,86 @@ def score_boxes(
     label_of_box = torch.cat([_as_tensor(lab, dtype=torch.int64).reshape(-1) for lab in box_labels])
     all_boxes = torch.cat([_as_tensor(b).reshape(-1, 4) for b in boxes])
     box_maps = probs[image_of_box, label_of_box]  # (M, h, w)
+    if not isinstance(threshold, (int, float)):
+        threshold = _as_tensor(threshold, dtype=torch.float32)
+        if threshold.dim() == 2:
+            threshold = threshold[image_of_box, label_of_box]
     inter, pos_area, box_area = grid_box_overlap(box_maps, all_boxes, sizes[image_of_box], threshold)
     ious = _safe_ratio(inter, pos_area + box_area - inter)
     iobbs = _safe_ratio(inter, box_area)
     return ious, iobbs, [LABELS[int(k)] for k in label_of_box]
+
+
+def component_boxes(positive: np.ndarray, image_size: Sequence[float]) -> np.ndarray:
+    """Boxes around the 8-connected components of a positive-cell mask, in image pixels.
+
+    Args:
+        positive: ``(h, w)`` bool, covering the image.
+        image_size: ``(width, height)`` in pixels.
+
+    Returns:
+        float64 ``(n, 4)`` ``x1, y1, x2, y2`` (cell ``(i, j)`` spans ``[j W / w, (j + 1) W / w)``), one per
+        component, in scan order of their first cell.
+    """
+    from scipy import ndimage
+
+    h, w = positive.shape
+    width, height = float(image_size[0]), float(image_size[1])
+    components, _ = ndimage.label(positive, structure=np.ones((3, 3), dtype=bool))
+    boxes = [(cols.start * width / w, rows.start * height / h, cols.stop * width / w, rows.stop * height / h)
+             for rows, cols in (found for found in ndimage.find_objects(components) if found is not None)]
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def _box_iou_iobb(candidates: np.ndarray, box: np.ndarray) -> tuple[float, float]:
+    """Best IoU and best IoBB of ``candidates (n, 4)`` against one ``box (4,)``; 0 when there are none."""
+    if len(candidates) == 0:
+        return 0.0, 0.0
+    iw = (np.minimum(candidates[:, 2], box[2]) - np.maximum(candidates[:, 0], box[0])).clip(min=0)
+    ih = (np.minimum(candidates[:, 3], box[3]) - np.maximum(candidates[:, 1], box[1])).clip(min=0)
+    inter = iw * ih
+    area_c = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
+    area_b = max((box[2] - box[0]) * (box[3] - box[1]), 0.0)
+    union = area_c + area_b - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    iobb = inter / area_b if area_b > 0 else np.zeros_like(inter)
+    return float(iou.max()), float(iobb.max())
+
+
+def wang_box_scores(
+    maps: torch.Tensor | np.ndarray,
+    boxes: Sequence[torch.Tensor | np.ndarray],
+    box_labels: Sequence[torch.Tensor | np.ndarray],
+    image_size: Sequence[float],
+    threshold: float | torch.Tensor | np.ndarray = CELL_THRESHOLD,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Wang et al. 2017's rule: per ground-truth box, the best IoU / IoBB of any component box of its class.
+
+    The positive cells (``map > threshold``) of the box's class are split into 8-connected components,
+    each bounded by a box (:func:`component_boxes`); a ground-truth box is a hit at ``T`` when one of them
+    reaches ``IoU >= T`` (Wang: "a hit when any box of the class reaches IoU > T"; ``>=`` here, as for
+    our rule, so the two differ only in boxes vs union). Same arguments and returns as :func:`score_boxes`.
+    """
+    probs = _as_tensor(maps, dtype=torch.float32).numpy()
+    if probs.ndim != 4 or len(boxes) != probs.shape[0]:
+        raise ValueError(f"expected maps (B, K, h, w) with B box lists, got {probs.shape}, {len(boxes)} lists")
+    batch, classes = probs.shape[:2]
+    limits = _as_tensor(threshold, dtype=torch.float32).numpy()
+    limits = np.broadcast_to(limits.reshape(limits.shape if limits.ndim == 2 else (1, 1)), (batch, classes))
+    ious, iobbs, names = [], [], []
+    for i in range(batch):
+        image_boxes = _as_tensor(boxes[i]).numpy().reshape(-1, 4)
+        labels = _as_tensor(box_labels[i], dtype=torch.int64).numpy().reshape(-1)
+        candidates: dict[int, np.ndarray] = {}
+        for box, k in zip(image_boxes, labels):
+            k = int(k)
+            if k not in candidates:
+                candidates[k] = component_boxes(probs[i, k] > limits[i, k], image_size)
+            iou, iobb = _box_iou_iobb(candidates[k], box)
+            ious.append(iou)
+            iobbs.append(iobb)
+            names.append(LABELS[k])
+    return torch.tensor(ious, dtype=torch.float64), torch.tensor(iobbs, dtype=torch.float64), names
 
 
 def accuracy_by_class(

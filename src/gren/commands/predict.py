@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--run", metavar="RUN", help="trained run directory (uses its last checkpoint)")
     source.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="cell probability above which a cell is part of a predicted region (0.5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="map value above which a cell is part of a predicted region (default: the method's "
+                             "own threshold: 0.5 for the grid-MIL methods, 180/255 of the normalised map for cam)")
     parser.add_argument("--class-threshold", type=float, default=0.5,
                         help="image probability from which a class is reported (0.5)")
     parser.add_argument("--top-k", type=int, default=3, help="at most this many classes per image (3)")

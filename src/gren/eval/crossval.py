@@ -41,7 +41,7 @@ def _default_train(data, method, out, *, protocol, fold, config_file, overrides,
     from gren.train.engine import train
 
     return train(data, method, out, protocol=protocol, fold=fold, config_file=config_file, overrides=overrides,
-                 resume=resume)
+                 resume=resume, foreign="drop")
 
 
 def _default_evaluate(run_dir, data, batch_size, progress):
@@ -147,7 +147,9 @@ def _check_settings(methods: list[str], protocol: str, config_file, overrides: l
     if unknown:
         raise GrenError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(sorted(METHODS))}")
     parse_protocol(protocol)
-    resolve_config(config_file, overrides)
+    resolve_config(config_file, overrides)  # every key must belong to some method
+    for method in methods:  # and each method's values must be valid for it
+        resolve_config(config_file, overrides, method=method, foreign="drop")
 
 
 def _read_manifest(out: Path) -> dict | None:

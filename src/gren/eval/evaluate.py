@@ -7,8 +7,13 @@ resize from the original file, which scales image and box together). AUC is comp
 annotated test images by default; ``auc_images="heldout"`` adds every image of the fold not used for
 training (``role`` ``test`` or ``unused``), which gives AUC many more negatives.
 
-Image-level score for AUC: the MIL noisy-or ``1 - prod_j (1 - p_j)`` over the cells of each class
-map, i.e. the image probability the methods are trained with (see :func:`gren.metrics.image_scores`).
+Everything comes from the method's :class:`~gren.methods.protocol.Localization`: cells are positive
+where ``maps > threshold`` (the method's threshold: 0.5 for the grid-MIL methods, 180/255 of the
+normalised map for CAM), and AUC ranks the images by ``scores`` (by ``evidence`` when the method gives
+it: the grid-MIL methods' non-saturating log-space noisy-or). ``rules``: ``cells`` (always; the union
+of the positive cells against each box, DESIGN.md section 4) and ``wang`` (Wang et al.'s box around
+each connected component; in ``eval.json`` under ``"wang": {"accuracy", "iobb"}``), by default the
+method's ``eval_rules``. Non-finite maps or scores are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -16,9 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,15 +31,20 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from gren.core.atomic import write_text_atomic
+from gren.core.device import select_device
 from gren.data.labels import BOX_CLASSES, LABELS
 from gren.errors import GrenError
+from gren.methods.protocol import Localization
 from gren.metrics import (
+    CELL_THRESHOLD,
     IOU_THRESHOLDS,
     auc_by_label,
     image_scores,
     localization_report,
     score_boxes,
     threshold_key,
+    wang_box_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -43,21 +52,34 @@ log = logging.getLogger(__name__)
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 AUC_IMAGE_CHOICES = ("test", "heldout")
+RULES = ("cells", "wang")
 
-PredictFn = Callable[[dict], torch.Tensor]
-"""``batch (collated dict) -> probs (B, K, h, w)`` maps covering each ``S x S`` image."""
+PredictFn = Callable[[dict], "Localization | torch.Tensor"]
+"""``batch (collated dict) -> Localization`` (or bare probability maps ``(B, K, h, w)``, taken as a grid-MIL
+model's: threshold 0.5, noisy-or image scores) covering each ``S x S`` image."""
 
 
-def collate_items(items: list[dict]) -> dict:
-    """Stack tensors; ``boxes``/``box_labels`` stay lists, ``image_id`` a list of str."""
-    batch: dict[str, Any] = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        if key in ("boxes", "box_labels") or not isinstance(values[0], torch.Tensor):
-            batch[key] = values
-        else:
-            batch[key] = torch.stack(values)
-    return batch
+def as_localization(output: Localization | torch.Tensor) -> Localization:
+    """A predictor's output as a CPU :class:`Localization` (bare maps: threshold 0.5, noisy-or scores)."""
+    if isinstance(output, Localization):
+        return output.detach_cpu()
+    maps = torch.as_tensor(output).detach().float().cpu()
+    if maps.dim() != 4:
+        raise GrenError(f"the method returned maps of shape {tuple(maps.shape)}, expected (B, {len(LABELS)}, h, w)")
+    evidence = image_scores(maps, "noisy_or")
+    return Localization(maps, -torch.expm1(-evidence).float(), CELL_THRESHOLD,
+                        tuple(LABELS[:maps.shape[1]]) if maps.shape[1] <= len(LABELS) else tuple(map(str, range(maps.shape[1]))),
+                        evidence)
+
+
+def parse_rules(rules: str | Sequence[str] | None, default: Sequence[str] = ()) -> tuple[str, ...]:
+    """``"cells,wang"`` -> ``("cells", "wang")``; ``cells`` always comes first; unknown rules are errors."""
+    items = rules.split(",") if isinstance(rules, str) else list(rules if rules is not None else default)
+    chosen = ["cells"] + [r.strip() for r in items if r.strip() and r.strip() != "cells"]
+    bad = [r for r in chosen if r not in RULES]
+    if bad:
+        raise GrenError(f"evaluation rule(s) {', '.join(map(repr, bad))}: expected {', '.join(RULES)}")
+    return tuple(dict.fromkeys(chosen))
 
 
 def evaluate_predictions(
@@ -68,41 +90,69 @@ def evaluate_predictions(
     workers: int = 0,
     progress: bool = True,
     thresholds: tuple[float, ...] = IOU_THRESHOLDS,
+    rules: Sequence[str] = ("cells",),
 ) -> dict:
     """Run ``predict`` over ``dataset`` and score it.
 
     Args:
-        predict: ``batch -> probs (B, K=14, h, w)``; the maps cover each item's ``S x S`` image.
+        predict: ``batch -> Localization`` (maps ``(B, K=14, h, w)`` covering each item's ``S x S`` image,
+            scores ``(B, 14)``, threshold), or bare maps (see :data:`PredictFn`).
         dataset: items as in docs/architecture.md (``image`` (1, S, S), ``labels`` (14,), ``boxes`` (n, 4)
             in S pixels, ``box_labels`` (n,), ``image_id``).
         loc_ids: image ids whose boxes count for localization (default: every item). The others only
             contribute to AUC.
         batch_size, workers: DataLoader settings.
+        rules: box rules to report (:data:`RULES`; ``cells`` always).
 
     Returns:
-        ``{"accuracy", "iobb", "n_boxes", "auc", "n_images", "n_images_auc"}`` in the eval.json shape.
+        ``{"accuracy", "iobb", "n_boxes", "auc", "n_images", "n_images_auc"}`` in the eval.json shape, plus
+        ``"wang": {"accuracy", "iobb"}`` with that rule, and ``"cell_threshold"`` (the method's, when one value).
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_items)
+    from gren.data.dataset import collate
+
+    rules = parse_rules(list(rules))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     ious, iobbs, names, scores, labels = [], [], [], [], []
+    wang_ious, wang_iobbs = [], []
+    thresholds_seen: set[float] = set()
     n_loc_images = 0
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or None, leave=False):
-        probs = predict(batch).detach().float().cpu()
+        loc = as_localization(predict(batch))
+        maps = loc.maps
         size = batch["image"].shape[-1], batch["image"].shape[-2]  # (width, height) of the S x S input
-        if probs.dim() != 4 or probs.shape[0] != len(batch["image_id"]) or probs.shape[1] != len(LABELS):
-            raise GrenError(f"the method returned maps of shape {tuple(probs.shape)}, expected (B, {len(LABELS)}, h, w)")
+        if maps.shape[0] != len(batch["image_id"]) or maps.shape[1] != len(LABELS):
+            raise GrenError(f"the method returned maps of shape {tuple(maps.shape)}, expected "
+                            f"({len(batch['image_id'])}, {len(LABELS)}, h, w)")
+        if not (bool(torch.isfinite(maps).all()) and bool(torch.isfinite(loc.scores).all())):
+            raise GrenError(f"the method returned non-finite maps or scores for {', '.join(batch['image_id'][:3])}; "
+                            "its weights are probably not finite (was training stable?)")
+        limits = loc.thresholds()
+        thresholds_seen.update(float(v) for v in limits.unique()[:3])
         keep = [loc_ids is None or image_id in loc_ids for image_id in batch["image_id"]]
         n_loc_images += sum(keep)
         boxes = [b if k else b[:0] for b, k in zip(batch["boxes"], keep)]
         box_labels = [lab if k else lab[:0] for lab, k in zip(batch["box_labels"], keep)]
-        iou, iobb, cls = score_boxes(probs, boxes, box_labels, size)
+        iou, iobb, cls = score_boxes(maps, boxes, box_labels, size, limits)
         ious.append(iou)
         iobbs.append(iobb)
         names.extend(cls)
-        scores.append(image_scores(probs))
+        if "wang" in rules:
+            wang_iou, wang_iobb, _ = wang_box_scores(maps, boxes, box_labels, size, limits)
+            wang_ious.append(wang_iou)
+            wang_iobbs.append(wang_iobb)
+        scores.append(loc.evidence if loc.evidence is not None else loc.scores.to(torch.float64))
         labels.append(batch["labels"].cpu())
-    all_ious = torch.cat(ious) if ious else torch.zeros(0, dtype=torch.float64)
-    all_iobbs = torch.cat(iobbs) if iobbs else torch.zeros(0, dtype=torch.float64)
-    result = localization_report(all_ious, all_iobbs, names, thresholds)
+
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    result = localization_report(joined(ious), joined(iobbs), names, thresholds)
+    if "wang" in rules:
+        wang = localization_report(joined(wang_ious), joined(wang_iobbs), names, thresholds)
+        result["wang"] = {"accuracy": wang["accuracy"], "iobb": wang["iobb"]}
+    result["rules"] = list(rules)
+    if len(thresholds_seen) == 1:
+        result["cell_threshold"] = thresholds_seen.pop()
     if scores:
         result["auc"] = auc_by_label(torch.cat(scores), torch.cat(labels).round().to(torch.int64))
     else:
@@ -183,16 +233,15 @@ def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None) -> Pa
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """:func:`gren.core.device.select_device` (kept under this name for callers of the evaluator)."""
+    return select_device(name)
 
 
-def method_predictor(method: torch.nn.Module, device: torch.device) -> PredictFn:
-    """``batch -> probs`` with ``method.predict`` on ``device`` (maps returned on the CPU)."""
+def method_predictor(method, device: torch.device) -> PredictFn:
+    """``batch -> Localization`` with ``method.predict`` on ``device`` (returned on the CPU)."""
 
-    def predict(batch: dict) -> torch.Tensor:
-        return method.predict(batch["image"].to(device)).float().cpu()
+    def predict(batch: dict) -> Localization:
+        return method.predict(batch["image"].to(device)).detach_cpu()
 
     return predict
 
@@ -206,6 +255,7 @@ def evaluate_run(
     auc_images: str = "test",
     progress: bool = True,
     write: bool = True,
+    rules: str | Sequence[str] | None = None,
 ) -> dict:
     """Evaluate a run on its test split and (by default) write ``RUN/eval.json`` and ``RUN/eval.md``.
 
@@ -215,6 +265,7 @@ def evaluate_run(
         checkpoint: a checkpoint name in ``RUN/checkpoints`` (``epoch_003``, ``last.pt``) or a path.
         auc_images: ``"test"`` (the annotated test images) or ``"heldout"`` (every image of the fold
             not used for training).
+        rules: box rules (``"cells,wang"``); default ``cells`` plus the method's ``eval_rules``.
 
     Returns:
         The eval.json dict (also with ``method``, ``fold``, ``protocol``, ``checkpoint``, ``auc_images``).
@@ -249,8 +300,9 @@ def evaluate_run(
     dataset = CacheDataset(cache, eval_ids)
     log.info("evaluating %s on %d annotated test images (%d for AUC) from %s", run_dir, len(loc_ids & present),
              len(eval_ids), cache.path)
+    chosen_rules = parse_rules(rules, default=getattr(method, "eval_rules", ()))
     result = evaluate_predictions(method_predictor(method, torch_device), dataset, loc_ids=loc_ids,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress, rules=chosen_rules)
     data_cfg = run_config.get("data", {})
     result.update({
         "method": run_config.get("method"),
@@ -280,10 +332,8 @@ def _json_safe(value):
 def write_eval(run_dir: str | os.PathLike, result: dict) -> None:
     """Write ``eval.json`` (atomically) and ``eval.md`` into ``run_dir``."""
     run_dir = Path(run_dir)
-    tmp = run_dir / (EVAL_JSON + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
-    os.replace(tmp, run_dir / EVAL_JSON)
-    (run_dir / EVAL_MD).write_text(eval_markdown(result, title=str(result.get("method") or run_dir.name)))
+    write_text_atomic(run_dir / EVAL_JSON, json.dumps(_json_safe(result), indent=2) + "\n")
+    write_text_atomic(run_dir / EVAL_MD, eval_markdown(result, title=str(result.get("method") or run_dir.name)))
     log.info("wrote %s and %s", run_dir / EVAL_JSON, run_dir / EVAL_MD)
 
 
@@ -312,13 +362,18 @@ def eval_markdown(result: dict, title: str = "model") -> str:
     header = "| T(IoU) | " + " | ".join(BOX_CLASSES) + " | Mean |"
     rule = "| --- " * (len(BOX_CLASSES) + 2) + "|"
     lines = [f"# Evaluation: {title}", ""]
-    extra = {k: result.get(k) for k in ("method", "protocol", "fold", "checkpoint", "n_images") if result.get(k) is not None}
+    extra = {k: result.get(k) for k in ("method", "protocol", "fold", "checkpoint", "n_images", "cell_threshold")
+             if result.get(k) is not None}
     if extra:
         lines += [", ".join(f"{k} {v}" for k, v in extra.items()), ""]
-    for block, name in (("accuracy", "Localization accuracy (IoU >= T)"), ("iobb", "IoBB accuracy (IoBB >= T)")):
+    blocks = [(result, "accuracy", "Localization accuracy (IoU >= T)"), (result, "iobb", "IoBB accuracy (IoBB >= T)")]
+    if isinstance(result.get("wang"), dict):
+        blocks += [(result["wang"], "accuracy", "Wang et al.'s box rule: accuracy (IoU >= T)"),
+                   (result["wang"], "iobb", "Wang et al.'s box rule: IoBB accuracy (IoBB >= T)")]
+    for source, block, name in blocks:
         lines += [f"## {name}", "", header, rule]
         for t in thresholds:
-            cells = [fmt_value(result[block][c][t]) for c in BOX_CLASSES] + [fmt_value(result[block]["mean"][t])]
+            cells = [fmt_value(source[block][c][t]) for c in BOX_CLASSES] + [fmt_value(source[block]["mean"][t])]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Boxes per class: " + ", ".join(f"{c} {result['n_boxes'].get(c, 0)}" for c in BOX_CLASSES), ""]

@@ -3,8 +3,8 @@
 Per input image ``DIR/<stem>.json``::
 
     {"image": path, "image_size": [W, H], "model_input_size": S, "grid": [h, w], "method": name,
-     "cell_threshold": 0.5, "class_threshold": 0.5,
-     "probabilities": {label: image-level probability (noisy-or over the cells), ... 14},
+     "cell_threshold": the method's (0.5 for grid-MIL, 180/255 for CAM) or --threshold, "class_threshold": 0.5,
+     "probabilities": {label: the method's image-level score (Localization.scores), ... 14},
      "regions": [{"label", "probability", "box": [x1, y1, x2, y2] (image pixels), "cells", "max_cell_probability"}],
      "ground_truth": [{"label", "box"}]    # only with --data, when the dataset knows the image
     }
@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from gren.data.labels import LABELS
 from gren.errors import GrenError, ImageReadError
-from gren.metrics import noisy_or_probability
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +142,17 @@ def cell_regions(prob: np.ndarray, image_size: tuple[int, int], threshold: float
     return regions
 
 
-def reported_classes(probabilities: np.ndarray, maps: np.ndarray, class_threshold: float, cell_threshold: float,
-                     top_k: int) -> list[int]:
-    """LABELS indices to report (see the module docstring): ``probabilities (K,)``, ``maps (K, h, w)``."""
+def reported_classes(probabilities: np.ndarray, maps: np.ndarray, class_threshold: float,
+                     cell_threshold: float | np.ndarray, top_k: int) -> list[int]:
+    """LABELS indices to report (see the module docstring): ``probabilities (K,)``, ``maps (K, h, w)``,
+    ``cell_threshold`` a scalar or ``(K,)``."""
+    limits = np.broadcast_to(np.asarray(cell_threshold, dtype=np.float64), probabilities.shape)
     order = np.argsort(-probabilities, kind="stable")
-    passing = [int(k) for k in order if probabilities[k] >= class_threshold and (maps[k] > cell_threshold).any()]
+    has_cell = [bool((maps[k] > limits[k]).any()) for k in range(len(probabilities))]
+    passing = [int(k) for k in order if probabilities[k] >= class_threshold and has_cell[k]]
     if passing:
         return passing[:top_k]
-    return [int(k) for k in order if (maps[k] > cell_threshold).any()][:top_k]
+    return [int(k) for k in order if has_cell[k]][:top_k]
 
 
 def _run_data(source: str | os.PathLike | None) -> str | None:
@@ -220,7 +222,7 @@ def _font(size: int):
 
 
 def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], regions: dict[int, list[dict]],
-                 ground_truth: list[dict] | None, cell_threshold: float,
+                 ground_truth: list[dict] | None, cell_threshold: float | np.ndarray,
                  probabilities: np.ndarray | None = None) -> Image.Image:
     """RGB overlay: predicted cells translucent red, region outlines + names, ground truth in green.
 
@@ -234,7 +236,8 @@ def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], reg
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
     base = Image.fromarray(gray, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
     if classes:
-        positive = (maps[list(classes)] > cell_threshold).any(axis=0).astype(np.uint8) * 255  # (h, w)
+        limits = np.broadcast_to(np.asarray(cell_threshold, dtype=np.float64), (maps.shape[0],))
+        positive = (maps[list(classes)] > limits[list(classes), None, None]).any(axis=0).astype(np.uint8) * 255
         mask = Image.fromarray(positive, mode="L").resize((out_w, out_h), Image.Resampling.NEAREST)
         red = Image.new("RGB", (out_w, out_h), RED)
         base = Image.composite(Image.blend(base, red, 0.4), base, mask)
@@ -269,7 +272,8 @@ def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], reg
 
 
 class Predictor:
-    """A loaded model that turns uint8 gray images into maps: ``predictor(gray) -> (maps (K, h, w), probs (K,))``."""
+    """A loaded model that turns uint8 gray images into maps:
+    ``predictor(grays) -> (maps (B, K, h, w), probs (B, K), thresholds (B, K))``."""
 
     def __init__(self, source: str | os.PathLike, device: str = "auto"):
         from gren.eval.evaluate import pick_device
@@ -281,21 +285,29 @@ class Predictor:
         self.size = int(self.config["data"]["size"])
         self.name = str(self.config.get("method", "?"))
 
-    def __call__(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``grays``: uint8 (H_i, W_i) images -> ``maps (B, K, h, w)``, ``image probabilities (B, K)``."""
+    def __call__(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``grays``: uint8 (H_i, W_i) images -> ``maps (B, K, h, w)``, ``image probabilities (B, K)`` (the
+        method's scores) and the method's cell ``thresholds (B, K)``.
+
+        Raises:
+            GrenError: the model produced non-finite maps or scores (its weights are not finite).
+        """
         from gren.data.dataset import normalize_uint8
 
         batch = np.stack([resize_gray(g, self.size) for g in grays])[:, None]  # (B, 1, S, S)
         images = normalize_uint8(torch.from_numpy(batch)).to(self.device)
-        maps = self.method.predict(images).float().cpu()
-        return maps.numpy(), noisy_or_probability(maps).float().numpy()
+        loc = self.method.predict(images).detach_cpu()
+        if not (bool(torch.isfinite(loc.maps).all()) and bool(torch.isfinite(loc.scores).all())):
+            raise GrenError(f"the model ({self.name}) returned non-finite maps or scores; its weights are "
+                            "probably not finite (was training stable?)")
+        return loc.maps.numpy(), loc.scores.numpy(), loc.thresholds().numpy()
 
 
 def predict_files(
     paths: Sequence[str | os.PathLike],
     source: str | os.PathLike,
     out: str | os.PathLike,
-    cell_threshold: float = 0.5,
+    cell_threshold: float | None = None,
     class_threshold: float = 0.5,
     top_k: int = 3,
     data: str | os.PathLike | None = None,
@@ -308,7 +320,8 @@ def predict_files(
     Args:
         paths: image files (PNG, JPEG, DICOM).
         source: a run directory or a checkpoint file.
-        cell_threshold: a cell is positive when ``p > cell_threshold``.
+        cell_threshold: a cell is positive when ``map > cell_threshold``; ``None`` (default): the method's
+            own threshold (:class:`~gren.methods.protocol.Localization`).
         class_threshold: a class is reported when its image probability is ``>=`` this.
         top_k: at most this many classes reported per image.
         data: dataset folder or cache for ground-truth boxes (optional).
@@ -338,10 +351,13 @@ def predict_files(
         stems[stem] = stems.get(stem, 0) + 1
         out_stem = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
         height, width = gray.shape
-        maps, probs = predictor([gray])
-        maps, probs = maps[0], probs[0]
-        classes = reported_classes(probs, maps, class_threshold, cell_threshold, top_k)
-        regions = {k: cell_regions(maps[k], (width, height), cell_threshold) for k in classes}
+        maps, probs, limits = predictor([gray])
+        maps, probs, limits = maps[0], probs[0], limits[0]
+        if cell_threshold is not None:
+            limits = np.full_like(limits, float(cell_threshold))
+        shown_threshold = float(limits[0]) if np.all(limits == limits[0]) else [round(float(v), 6) for v in limits]
+        classes = reported_classes(probs, maps, class_threshold, limits, top_k)
+        regions = {k: cell_regions(maps[k], (width, height), float(limits[k])) for k in classes}
         ground_truth = truth.boxes(stem, (width, height)) if truth is not None else None
         record = {
             "image": str(path),
@@ -349,7 +365,7 @@ def predict_files(
             "model_input_size": predictor.size,
             "grid": list(maps.shape[-2:]),
             "method": predictor.name,
-            "cell_threshold": cell_threshold,
+            "cell_threshold": shown_threshold,
             "class_threshold": class_threshold,
             "probabilities": {LABELS[k]: round(float(probs[k]), 6) for k in range(len(LABELS))},
             "regions": [{"label": LABELS[k], "probability": round(float(probs[k]), 6), **region}
@@ -359,7 +375,7 @@ def predict_files(
             record["ground_truth"] = ground_truth
         json_path = out / f"{out_stem}.json"
         json_path.write_text(json.dumps(record, indent=2) + "\n")
-        draw_overlay(gray, maps, classes, regions, ground_truth, cell_threshold, probs).save(out / f"{out_stem}.png")
+        draw_overlay(gray, maps, classes, regions, ground_truth, limits, probs).save(out / f"{out_stem}.png")
         written.append(str(json_path))
     log.info("%d images predicted into %s, %d failed", len(written), out, len(failed))
     return {"written": written, "failed": failed}

@@ -157,11 +157,12 @@ def plot_hash_similarity(hashes: np.ndarray, names: Sequence[str], labels: Seque
 
 
 def plot_localization(images: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarray]], names: Sequence[str],
-                      maps_per_run: dict[str, np.ndarray], path: Path, threshold: float = 0.5) -> Path:
+                      maps_per_run: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """Rows: one per (image, its first ground-truth box); columns: the image, then each run.
 
     ``images`` uint8 (N, S, S); ``boxes[i]`` = (float (n, 4) xyxy in S pixels, int (n,) LABELS index);
-    ``maps_per_run[label]`` float (N, K, h, w).
+    ``maps_per_run[label]`` = (maps float (N, K, h, w), thresholds float (N, K)): the run's
+    :class:`~gren.methods.protocol.Localization` (a cell is positive above its method's threshold).
     """
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
@@ -186,15 +187,17 @@ def plot_localization(images: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarr
             if c == 0:
                 ax.set_title(f"{names[i]}\nGT: {LABELS[k]}", fontsize=8)
                 continue
-            prob = maps_per_run[runs[c - 1]][i, k]
+            maps, limits = maps_per_run[runs[c - 1]]
+            prob, threshold = maps[i, k], float(limits[i, k])
             positive = np.ma.masked_where(prob <= threshold, np.ones_like(prob))
             ax.imshow(positive, cmap=red, alpha=0.45, vmin=0, vmax=1, extent=(0, size, size, 0),
                       interpolation="nearest")
             iou = grid_box_iou(prob, (x1, y1, x2, y2), (size, size), threshold)
-            ax.set_title(f"{runs[c - 1]}\nIoU {iou:.2f}, max p {prob.max():.2f}", fontsize=8)
+            ax.set_title(f"{runs[c - 1]}\nIoU {iou:.2f}, max {prob.max():.2f} (> {threshold:.2f})", fontsize=8)
             ax.set_xlim(0, size)
             ax.set_ylim(size, 0)
-    fig.suptitle("predicted cells (p > 0.5, red) of the box's class vs the ground-truth box (green)", fontsize=9)
+    fig.suptitle("predicted cells (above the method's threshold, red) of the box's class vs the ground-truth box "
+                 "(green)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.95 * n + 0.4)))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -261,7 +264,7 @@ def make_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike, data:
 
     images = np.stack([np.asarray(cache.images[r]) for r in rows])
     torch_device = pick_device(device)
-    maps_per_run: dict[str, np.ndarray] = {}
+    maps_per_run: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for run_dir in run_dirs:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             log.warning("%s: no checkpoint, left out of localization.png", run_dir)
@@ -273,7 +276,8 @@ def make_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike, data:
             continue
         method.to(torch_device)
         batch = normalize_uint8(torch.from_numpy(images)[:, None]).to(torch_device)
-        maps_per_run[labels[run_dir]] = method.predict(batch).float().cpu().numpy()
+        loc = method.predict(batch).detach_cpu()
+        maps_per_run[labels[run_dir]] = (loc.maps.numpy(), loc.thresholds().numpy())
     if maps_per_run:
         written.append(plot_localization(images, [cache.boxes(r) for r in rows], names, maps_per_run,
                                          out / "localization.png"))

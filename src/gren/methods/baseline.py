@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gren.methods.base import GridMILMethod
+from gren.methods.grid_mil import GridMILMethod
 from gren.methods.registry import register_method
 
 
 @register_method("baseline")
-def build_baseline(config: dict) -> GridMILMethod:
-    return GridMILMethod(config)
+class Baseline(GridMILMethod):
+    """The grid-MIL model alone (see :mod:`gren.methods.grid_mil`)."""

@@ -20,28 +20,39 @@ import torch
 
 from gren.errors import GrenError
 from gren.methods import graph
-from gren.methods.base import GridMILMethod
+from gren.methods.grid_mil import GridMILMethod
 from gren.methods.registry import register_method
 from gren.train import dist
 
 
 class GrenMethod(GridMILMethod):
-    """The baseline grid model with GREN's regularizers.
+    """The baseline grid model with GREN's regularizers (``gren``: both graphs, hash edge weights).
 
-    Args:
-        config: the resolved config (``model``, ``loss``, ``graph`` sections).
-        intra, inter: which terms to add.
-        edge_weights: ``hash`` (GREN) or ``cosine`` (B+Cosine).
+    Class attributes (one subclass per registered variant): ``use_intra``, ``use_inter`` (which terms),
+    ``edge_weights`` (``hash``: GREN; ``cosine``: B+Cosine). Config: the ``graph`` section (``defaults``).
     """
 
-    def __init__(self, config: dict, intra: bool = True, inter: bool = True, edge_weights: str = "hash"):
+    needs = GridMILMethod.needs | {"lung_masks", "lung_hashes"}
+    defaults = {"graph": {
+        "form": "pull",  # pull: (1-e) d | paper: -e d (eq. 5, 7 literally) | contrastive: (1-e) d + e max(0, margin-d)
+        "margin": 1.0,  # for contrastive; distances are in [0, 2]
+        "edge_scale": "raw",  # raw: e = Hamming / 64 (the paper) | rank: e = its rank among the batch's edges
+        "lambda_intra": 0.11,  # lambda1
+        "lambda_inter": 0.15,  # lambda2
+        "inter_features": "map",  # inter-image node feature: map (whole feature map) | lungs (both lung vectors)
+        "inter_scope": "rank",  # under DDP: rank (graph per process batch) | global (all-gathered across ranks)
+    }}
+    use_intra: bool = True
+    use_inter: bool = True
+    edge_weights: str = "hash"
+
+    def __init__(self, config: dict):
         super().__init__(config)
         graph_cfg = config["graph"]
-        if edge_weights not in ("hash", "cosine"):
-            raise ValueError(f"edge_weights must be 'hash' or 'cosine', got {edge_weights!r}")
+        if self.edge_weights not in ("hash", "cosine"):
+            raise ValueError(f"edge_weights must be 'hash' or 'cosine', got {self.edge_weights!r}")
         if graph_cfg["inter_scope"] not in ("rank", "global"):
             raise GrenError(f"graph.inter_scope must be 'rank' or 'global', got {graph_cfg['inter_scope']!r}")
-        self.use_intra, self.use_inter, self.edge_weights = intra, inter, edge_weights
         self.lambda_intra = float(graph_cfg["lambda_intra"])
         self.lambda_inter = float(graph_cfg["lambda_inter"])
         self.inter_features = graph_cfg["inter_features"]
@@ -49,6 +60,14 @@ class GrenMethod(GridMILMethod):
         edge_scale = graph_cfg.get("edge_scale", "raw")
         self.intra_regularizer = graph.IntraImageRegularizer(graph_cfg["form"], graph_cfg["margin"], edge_scale)
         self.inter_regularizer = graph.InterImageRegularizer(graph_cfg["form"], graph_cfg["margin"], edge_scale)
+
+    def loss_weights(self) -> dict[str, str]:
+        weights = super().loss_weights()
+        if self.use_intra:
+            weights["intra"] = "graph.lambda_intra"
+        if self.use_inter:
+            weights["inter"] = "graph.lambda_inter"
+        return weights
 
     def extra_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         features = outputs["features"].float()
@@ -85,21 +104,26 @@ class GrenMethod(GridMILMethod):
         return parts
 
 
-@register_method("gren")
-def build_gren(config: dict) -> GrenMethod:
-    return GrenMethod(config, intra=True, inter=True, edge_weights="hash")
+register_method("gren")(GrenMethod)
 
 
 @register_method("gren-intra")
-def build_gren_intra(config: dict) -> GrenMethod:
-    return GrenMethod(config, intra=True, inter=False, edge_weights="hash")
+class GrenIntra(GrenMethod):
+    """B+Intra: the intra-image graph alone."""
+
+    use_inter = False
 
 
 @register_method("gren-inter")
-def build_gren_inter(config: dict) -> GrenMethod:
-    return GrenMethod(config, intra=False, inter=True, edge_weights="hash")
+class GrenInter(GrenMethod):
+    """B+Inter: the inter-image graph alone."""
+
+    use_intra = False
 
 
 @register_method("gren-cosine")
-def build_gren_cosine(config: dict) -> GrenMethod:
-    return GrenMethod(config, intra=True, inter=True, edge_weights="cosine")
+class GrenCosine(GrenMethod):
+    """B+Cosine: both graphs, edge weights from the cosine distance of the (detached) CNN lung features."""
+
+    needs = GridMILMethod.needs | {"lung_masks"}
+    edge_weights = "cosine"

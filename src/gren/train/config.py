@@ -2,13 +2,18 @@
 
 ``resolve_config(config_file, overrides)`` returns a plain nested dict:
 
-1. ``gren/configs/default.yaml`` (the paper's settings);
+1. ``gren/configs/default.yaml`` (the shared settings: model, data, train, optim, device);
+   then the method's own ``defaults`` (its sections such as ``loss`` or ``graph``, and any shared key it
+   sets differently; :func:`gren.methods.method_defaults`). Without a method (``method=None``) every
+   registered method's sections are merged, so any key of any method is valid;
 2. ``config_file``: a path, or the name of a bundled config (``cpu-small``), holding a subset of the
    default keys;
 3. ``overrides``: ``"section.key=value"`` strings, the value parsed as a YAML scalar
    (``optim.lr=1e-2``, ``model.weights=none``, ``data.annotated_fraction=null``).
 
-Unknown keys are an error that lists the valid ones; nothing is silently ignored.
+Unknown keys are an error that lists the valid ones; nothing is silently ignored. The one exception is
+``foreign="drop"`` (``gren crossval`` over several methods): a key that belongs to another registered
+method's section (``graph.lambda_intra`` when training ``baseline``) is left out for this method.
 """
 
 from __future__ import annotations
@@ -57,8 +62,51 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def default_config() -> dict:
+def shared_defaults() -> dict:
+    """``configs/default.yaml`` alone (no method sections)."""
     return load_yaml(_config_path("default"))
+
+
+def default_config(method: str | None = None) -> dict:
+    """The defaults for ``method`` (shared + its own), or, with ``None``, shared + every method's sections."""
+    from gren.methods.protocol import deep_update
+    from gren.methods.registry import all_method_defaults, method_defaults
+
+    config = shared_defaults()
+    if method is not None:
+        return deep_update(config, method_defaults(method))
+    for defaults in all_method_defaults().values():
+        _add_missing(config, defaults)
+    return config
+
+
+def _add_missing(base: dict, extra: dict) -> None:
+    """Add the keys of ``extra`` that ``base`` lacks (recursively, in place); existing values are kept."""
+    for key, value in extra.items():
+        if key not in base:
+            base[key] = copy.deepcopy(value)
+        elif isinstance(base[key], dict) and isinstance(value, dict):
+            _add_missing(base[key], value)
+
+
+def foreign_keys(config: dict) -> set[str]:
+    """Dotted keys that some registered method declares but ``config`` (one method's) does not have."""
+    own = set(flat_keys(config))
+    return set(flat_keys(default_config(None))) - own
+
+
+def _drop_foreign(update: dict, foreign: set[str], prefix: str = "") -> dict:
+    out = {}
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if any(k == dotted or k.startswith(dotted + ".") for k in foreign) and \
+                    all(f"{dotted}.{leaf}" in foreign for leaf in flat_keys(value)):
+                continue
+            out[key] = _drop_foreign(value, foreign, dotted + ".")
+        elif dotted not in foreign:
+            out[key] = value
+    return out
 
 
 def flat_keys(config: dict, prefix: str = "") -> list[str]:
@@ -148,12 +196,27 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
-def resolve_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> dict:
-    """default.yaml <- ``config_file`` (path or bundled name) <- ``overrides`` -> the resolved config dict."""
-    config = default_config()
+def resolve_config(config_file: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                   method: str | None = None, foreign: str = "error") -> dict:
+    """default.yaml + the method's defaults <- ``config_file`` (path or bundled name) <- ``overrides``.
+
+    Args:
+        method: a registered method name (its sections only), or ``None`` (every method's sections).
+        foreign: ``"error"`` (default): any key the config does not have is an error; ``"drop"``: keys
+            of other methods' sections are left out (for a cross-validation over several methods).
+    """
+    if foreign not in ("error", "drop"):
+        raise ValueError(f"foreign must be 'error' or 'drop', got {foreign!r}")
+    config = default_config(method)
+    if method is not None:
+        config["method"] = method
+    dropped = foreign_keys(config) if foreign == "drop" and method is not None else set()
     if config_file is not None:
         path = _config_path(config_file)
-        config = merge_config(config, load_yaml(path), str(path))
+        config = merge_config(config, _drop_foreign(load_yaml(path), dropped), str(path))
+    overrides = list(overrides)
+    if dropped:
+        overrides = [o for o in overrides if o.split("=", 1)[0].strip() not in dropped]
     return apply_overrides(config, overrides)
 
 

@@ -4,17 +4,25 @@
 data and select the fold, then :func:`fit`. :func:`fit` is the loop on any :class:`TrainingData`
 (tests pass small in-memory datasets).
 
+The engine knows methods only through :mod:`gren.methods.protocol`: it builds the method, checks its
+``needs`` against what the data provides before step 1, runs its ``stages()`` (each with its own epochs
+and optimizer settings over the method's ``param_groups``), samples with the method's ``batch_sampler``
+(or the mixed annotated / label-only default), applies its ``item_transform``, calls ``method(batch)``
+-- the whole step's losses -- inside DDP and autocast, calls its ``on_stage_start`` / ``on_step_end``
+hooks and saves its ``extra_state`` in the checkpoint.
+
 Run directory (docs/architecture.md, "Runs"): ``config.yaml`` (resolved), ``split.csv`` (the fold),
 ``checkpoints/last.pt`` (everything a resume needs) and ``epoch_NNN.pt`` (the weights alone; the newest
-``train.keep_epochs`` are kept, 2 by default) after every epoch, ``metrics.jsonl`` (one JSON line per
-epoch: ``epoch, steps, images, time_s, images_per_s, lr, loss{total, box, mil, ...}``) and ``tb/``
-(TensorBoard: step and epoch scalars).
+``train.keep_epochs`` are kept, 2 by default) after every epoch (NNN counts epochs over all stages),
+``metrics.jsonl`` (one JSON line per epoch: ``epoch, stage, stage_epoch, steps, images, time_s,
+images_per_s, lr, loss{total, <the method's parts>}``) and ``tb/`` (TensorBoard: step and epoch scalars).
 
 Determinism: ``seed`` fixes the initialisation (``torch.manual_seed`` before the model is built),
 the batches (:class:`~gren.train.sampler.MixedBatchSampler`, a function of ``(seed, epoch)``) and
 the DataLoader workers' seeds (a generator seeded per epoch). ``--resume`` restores the model,
-optimizer, scheduler and RNG states saved after the last completed epoch, so a resumed run ends
-with the same weights as an uninterrupted one (bit for bit on CPU).
+optimizer, scheduler, method and RNG states saved after the last completed epoch and continues at
+that stage and epoch, so a resumed run ends with the same weights as an uninterrupted one (bit for
+bit on CPU).
 
 CUDA: bf16 autocast (``device.amp``), channels_last, optional ``torch.compile``. Under ``torchrun``
 each process trains ``train.batch_size`` images per step on its shard of the batches, gradients
@@ -38,8 +46,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from gren.core.atomic import write_text_atomic
+from gren.core.device import move_to, select_device
 from gren.errors import GrenError
-from gren.methods import build_method
+from gren.methods import Method, Stage, TrainContext, build_method, method_class
+from gren.methods.protocol import deep_update
 from gren.train import dist
 from gren.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.train.config import default_config, load_yaml, resolve_config, save_config
@@ -59,6 +70,30 @@ class TrainingData:
     annotated: Sequence[int]
     unannotated: Sequence[int]
     collate_fn: Callable | None = None  # default: gren.data.dataset.collate
+    provides: frozenset[str] | None = None  # the item keys; None: read from the first item
+    source: str = "the training data"  # named in messages
+
+    def item_keys(self) -> frozenset[str]:
+        """The keys every item of :attr:`dataset` has."""
+        if self.provides is not None:
+            return frozenset(self.provides)
+        provides = getattr(self.dataset, "provides", None)
+        if provides is not None:
+            return frozenset(provides)
+        return frozenset(self.dataset[0]) if len(self.dataset) else frozenset()
+
+
+class _TransformedDataset(Dataset):
+    """``dataset`` with a method's per-item transform applied to each item."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[dict], dict]):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(self.dataset[index])
 
 
 def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path,
@@ -98,20 +133,7 @@ def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path
     unannotated = np.flatnonzero(~annotated_flags).tolist()
     log.info("training on %d images: %d annotated (boxes), %d label-only", len(train_rows), len(annotated),
              len(unannotated))
-    return TrainingData(dataset, annotated, unannotated)
-
-
-def select_device(spec: str) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GrenError(f"device.device={spec} but CUDA is not available here; use device.device=cpu")
-    if device.type == "cuda" and device.index is None:  # under torchrun: this process's GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    return TrainingData(dataset, annotated, unannotated, source=str(cache.path))
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -133,9 +155,32 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict]:
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in history))
+
+
+def check_needs(method: Method, data: TrainingData) -> None:
+    """Fail before step 1 when the data lacks a batch key the method reads (naming it and what to do)."""
+    missing = sorted(set(method.needs) - data.item_keys())
+    if missing:
+        raise GrenError(f"method {method.name!r} needs {', '.join(missing)} in each batch, which {data.source} "
+                        f"does not provide; prepare the data with `gren prepare` (a cache holds images, labels, "
+                        f"boxes, lung masks and lung hashes) or choose another method")
+
+
+def _stage_position(stages: list[Stage], completed: int) -> tuple[int, int]:
+    """``(stage index, completed epochs in it)`` after ``completed`` epochs over all stages."""
+    for index, stage in enumerate(stages):
+        if completed < stage.epochs:
+            return index, completed
+        completed -= stage.epochs
+    return len(stages), 0
+
+
+def _check_finite_parameters(method: torch.nn.Module, where: str) -> None:
+    bad = [name for name, p in method.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise GrenError(f"{where}: {len(bad)} parameter tensors are not finite (e.g. {', '.join(bad[:3])}); "
+                        "nothing was saved for this epoch; lower optim.lr or check the data")
 
 
 def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bool = False) -> list[dict]:
@@ -158,30 +203,31 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     amp = on_cuda and config["device"]["amp"] == "bf16"
     channels_last = on_cuda and bool(config["device"]["channels_last"])
     train_cfg, optim_cfg = config["train"], config["optim"]
-    epochs = int(train_cfg["epochs"])
     keep_epochs = train_cfg.get("keep_epochs")
     if keep_epochs is not None and int(keep_epochs) < 0:
         raise GrenError(f"train.keep_epochs must be null (keep all) or >= 0, got {keep_epochs}")
 
     torch.manual_seed(int(config["seed"]))
     method = build_method(config["method"], config).to(device)
+    check_needs(method, data)
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(method.parameters(), optim_cfg)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(optim_cfg["step_epochs"]),
-                                                gamma=float(optim_cfg["gamma"]))
+    stages = method.stages(config)
+    if not stages or any(int(stage.epochs) < 0 for stage in stages):
+        raise GrenError(f"method {method.name!r}: stages() must give at least one stage with epochs >= 0")
+    total_epochs = sum(int(stage.epochs) for stage in stages)
     checkpoint_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
     start_epoch = 0
     last = checkpoint_dir / "last.pt"
+    checkpoint = None
     if resume and last.is_file():
         checkpoint = load_checkpoint(last, map_location=device)
         method.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        method.load_extra_state(checkpoint.get("method_state") or {})
         set_rng_state(checkpoint["rng"])
         start_epoch = int(checkpoint["epoch"])
-        log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, epochs)
+        log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, total_epochs)
     elif resume:
         log.warning("%s: nothing to resume (no %s); starting from the beginning", run_dir, last)
     history = _read_history(metrics_path, start_epoch) if main else []
@@ -192,59 +238,89 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     if config["device"]["compile"]:
         model = torch.compile(model)
 
-    sampler = MixedBatchSampler(data.annotated, data.unannotated, int(train_cfg["batch_size"]),
-                                config["data"]["annotated_fraction"], seed=int(config["seed"]), rank=rank,
-                                world_size=world, max_batches=train_cfg["max_steps_per_epoch"])
+    seed = int(config["seed"])
+    sampler = method.batch_sampler(data, config, seed=seed, rank=rank, world_size=world)
+    if sampler is None:
+        sampler = MixedBatchSampler(data.annotated, data.unannotated, int(train_cfg["batch_size"]),
+                                    config["data"]["annotated_fraction"], seed=seed, rank=rank,
+                                    world_size=world, max_batches=train_cfg["max_steps_per_epoch"])
     collate_fn = data.collate_fn
     if collate_fn is None:
         from gren.data.dataset import collate as collate_fn
+    transform = method.item_transform(config)
+    dataset = data.dataset if transform is None else _TransformedDataset(data.dataset, transform)
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch * len(sampler) if resume else None)
+    stage_index, stage_epoch = _stage_position(stages, start_epoch)
+    epoch = start_epoch
     try:
-        for epoch in range(start_epoch, epochs):
-            sampler.set_epoch(epoch)
-            loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_fn,
-                                num_workers=int(config["data"]["workers"]), worker_init_fn=_seed_worker,
-                                generator=torch.Generator().manual_seed(int(config["seed"]) * 7919 + epoch),
-                                pin_memory=on_cuda)
-            lr = optimizer.param_groups[0]["lr"]
-            parts, steps, images, seconds = _train_epoch(model, method, loader, optimizer, device, amp, channels_last,
-                                                         epoch, epochs, writer, int(train_cfg["log_every"]),
-                                                         len(sampler))
-            scheduler.step()
-            parts = dist.all_reduce_mean(parts, device)
-            line = {"epoch": epoch + 1, "steps": steps, "images": images * world, "time_s": round(seconds, 3),
-                    "images_per_s": round(images * world / max(seconds, 1e-9), 2), "lr": lr,
-                    "loss": {k: round(v, 6) for k, v in parts.items()}}
-            if main:
-                history.append(line)
-                state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                         "config": config}
-                save_checkpoint(last, **state)
-                # epoch_NNN.pt: the weights alone (what evaluate --checkpoint epoch_NNN reads), a third of
-                # last.pt's size under AdamW; train.keep_epochs caps how many are kept.
-                save_checkpoint(checkpoint_dir / f"epoch_{epoch + 1:03d}.pt", model=state["model"],
-                                epoch=epoch + 1, config=config)
-                _prune_epoch_checkpoints(checkpoint_dir, keep_epochs)
-                _write_history(metrics_path, history)
-                for key, value in parts.items():
-                    writer.add_scalar(f"epoch/{key}", value, epoch + 1)
-                writer.add_scalar("epoch/lr", lr, epoch + 1)
-                writer.add_scalar("epoch/images_per_s", line["images_per_s"], epoch + 1)
-                writer.flush()
-                loss_text = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                log.info("epoch %d/%d: %s; lr %.2g; %.1f images/s", epoch + 1, epochs, loss_text, lr,
-                         line["images_per_s"])
-            dist.barrier()
+        while stage_index < len(stages):
+            stage = stages[stage_index]
+            stage_optim = deep_update(optim_cfg, stage.optim)
+            optimizer = build_optimizer(method.param_groups(stage_optim), stage_optim)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(stage_optim["step_epochs"]),
+                                                        gamma=float(stage_optim["gamma"]))
+            resumed_here = checkpoint is not None and int(checkpoint.get("stage", 0)) == stage_index and stage_epoch > 0
+            if resumed_here:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                scheduler.load_state_dict(checkpoint["scheduler"])
+            context = TrainContext(config=config, device=device, stage=stage, stage_index=stage_index,
+                                   epoch=stage_epoch, global_step=epoch * len(sampler), data=data, optimizer=optimizer)
+            method.on_stage_start(stage, context)
+            if len(stages) > 1:
+                log.info("stage %d/%d %r: epochs %d-%d", stage_index + 1, len(stages), stage.name, epoch + 1,
+                         epoch + stage.epochs - stage_epoch)
+            while stage_epoch < stage.epochs:
+                sampler.set_epoch(epoch)
+                loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                    num_workers=int(config["data"]["workers"]), worker_init_fn=_seed_worker,
+                                    generator=torch.Generator().manual_seed(seed * 7919 + epoch),
+                                    pin_memory=on_cuda)
+                lr = optimizer.param_groups[0]["lr"]
+                context.epoch = stage_epoch
+                parts, steps, images, seconds = _train_epoch(model, method, loader, optimizer, device, amp,
+                                                             channels_last, epoch, total_epochs, writer,
+                                                             int(train_cfg["log_every"]), len(sampler), context)
+                scheduler.step()
+                parts = dist.all_reduce_mean(parts, device)
+                epoch += 1
+                stage_epoch += 1
+                line = {"epoch": epoch, "stage": stage.name, "stage_epoch": stage_epoch, "steps": steps,
+                        "images": images * world, "time_s": round(seconds, 3),
+                        "images_per_s": round(images * world / max(seconds, 1e-9), 2), "lr": lr,
+                        "loss": {k: round(v, 6) for k, v in parts.items()}}
+                if main:
+                    _check_finite_parameters(method, f"epoch {epoch}")
+                    history.append(line)
+                    state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
+                             "stage": stage_index, "stage_epoch": stage_epoch, "method_state": method.extra_state(),
+                             "config": config}
+                    save_checkpoint(last, **state)
+                    # epoch_NNN.pt: the weights alone (what evaluate --checkpoint epoch_NNN reads), a third of
+                    # last.pt's size under AdamW; train.keep_epochs caps how many are kept.
+                    save_checkpoint(checkpoint_dir / f"epoch_{epoch:03d}.pt", model=state["model"],
+                                    method_state=state["method_state"], epoch=epoch, config=config)
+                    _prune_epoch_checkpoints(checkpoint_dir, keep_epochs)
+                    _write_history(metrics_path, history)
+                    for key, value in parts.items():
+                        writer.add_scalar(f"epoch/{key}", value, epoch)
+                    writer.add_scalar("epoch/lr", lr, epoch)
+                    writer.add_scalar("epoch/images_per_s", line["images_per_s"], epoch)
+                    writer.flush()
+                    loss_text = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                    log.info("epoch %d/%d: %s; lr %.2g; %.1f images/s", epoch, total_epochs, loss_text, lr,
+                             line["images_per_s"])
+                dist.barrier()
+            stage_index, stage_epoch = stage_index + 1, 0
     finally:
         if writer is not None:
             writer.close()
-    if start_epoch >= epochs:
-        log.info("%s: all %d epochs already done", run_dir, epochs)
+    if start_epoch >= total_epochs:
+        log.info("%s: all %d epochs already done", run_dir, total_epochs)
     return history
 
 
@@ -258,7 +334,7 @@ def _prune_epoch_checkpoints(checkpoint_dir: Path, keep: int | None) -> None:
 
 
 def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, epoch, epochs, writer, log_every,
-                 n_steps) -> tuple[dict[str, float], int, int, float]:
+                 n_steps, context: TrainContext) -> tuple[dict[str, float], int, int, float]:
     """One pass over ``loader``: returns (mean loss parts, steps, images on this rank, seconds)."""
     from gren.data.dataset import check_batch_scale
 
@@ -269,14 +345,15 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
     bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
                disable=None if dist.is_main_process() else True)  # None: no bar when stderr is not a terminal
     for batch in bar:
-        images = batch["image"].to(device, non_blocking=True)
+        batch = move_to(batch, device)
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         if steps == 0 and epoch == 0:
-            check_batch_scale(images)  # warns once when the inputs are not on the normalize_uint8 scale
+            check_batch_scale(batch["image"])  # warns once when the inputs are not on the normalize_uint8 scale
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(images)
-        parts = method.losses(outputs, batch)
+            parts = model(batch)
+        if not isinstance(parts, dict) or "total" not in parts:
+            raise GrenError(f"method {method.name!r}: forward(batch) must return a dict with 'total' and its parts")
         total = parts["total"]
         if not torch.isfinite(total):
             values = {k: round(float(v.detach()), 4) for k, v in parts.items()}
@@ -285,17 +362,20 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        detached = {key: value.detach().float() for key, value in parts.items()}
+        for key, value in detached.items():
+            sums[key] = sums.get(key, 0.0) + value
         steps += 1
-        images_seen += images.shape[0]
+        images_seen += batch["image"].shape[0]
+        context.step, context.global_step, context.losses = steps, epoch * n_steps + steps, detached
+        method.on_step_end(context)
         if steps % log_every == 0 or steps == n_steps:
             means = {k: float(v) / steps for k, v in sums.items()}
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             if writer is not None:
                 global_step = epoch * n_steps + steps
-                for key, value in parts.items():
-                    writer.add_scalar(f"step/{key}", float(value.detach()), global_step)
+                for key, value in detached.items():
+                    writer.add_scalar(f"step/{key}", float(value), global_step)
     bar.close()
     if on_cuda(device):
         torch.cuda.synchronize(device)
@@ -318,15 +398,23 @@ def _config_differences(old: dict, new: dict) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
-    # A key added to the defaults after the run was saved, at its default value, changes nothing.
+    # A key added to the defaults after the run was saved, at its default value, changes nothing; nor does
+    # a key the method no longer has (an older run's config held every method's sections).
     defaults = flat(default_config())
     added_at_default = {k for k in b if k not in a and k in defaults and b[k] == defaults[k]}
+    removed = {k for k in a if k not in b}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k not in added_at_default]
+            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k not in added_at_default
+            and k not in removed]
+
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 def build_optimizer(parameters, optim_cfg: dict) -> torch.optim.Optimizer:
-    """``optim.name``: ``sgd`` (the paper's SGD, Nesterov momentum) or ``adamw`` (betas default, same lr/wd keys)."""
+    """``optim.name``: ``sgd`` (the paper's SGD, Nesterov momentum), ``adamw`` or ``adam`` (L2 weight decay,
+    as HAM's authors use it); betas default, same lr/wd keys. ``parameters``: tensors or parameter groups
+    (dicts, a method's :meth:`~gren.methods.protocol.Method.param_groups`)."""
     name = str(optim_cfg.get("name", "sgd")).lower()
     lr, weight_decay = float(optim_cfg["lr"]), float(optim_cfg["weight_decay"])
     if name == "sgd":
@@ -334,29 +422,30 @@ def build_optimizer(parameters, optim_cfg: dict) -> torch.optim.Optimizer:
                                nesterov=bool(optim_cfg["nesterov"]), weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise GrenError(f"optim.name {name!r}: expected sgd or adamw")
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    raise GrenError(f"optim.name {name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, protocol: str | None = None,
           fold: int | None = None, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = (),
-          resume: bool = False) -> list[dict]:
+          resume: bool = False, foreign: str = "error") -> list[dict]:
     """``gren train``: resolve the config, open the data and fold, train into ``out``. Returns the epoch metrics.
+
+    ``foreign="drop"`` (crossval over several methods): config keys of other methods' sections are left
+    out instead of being errors (:func:`gren.train.config.resolve_config`).
 
     Raises:
         GrenError: bad config, an existing run without ``resume``, a resumed run with a different config
             (other than ``train.epochs``, ``train.log_every``, ``data.workers``, ``device.device``).
     """
-    config = resolve_config(config_file, overrides)
-    config["method"] = method
+    method_class(method)  # an unknown name lists the registered ones
+    config = resolve_config(config_file, overrides, method=method, foreign=foreign)
     config["data"]["path"] = str(Path(data).expanduser().resolve())
     if protocol is not None:
         config["data"]["protocol"] = str(protocol)
     if fold is not None:
         config["data"]["fold"] = int(fold)
-    from gren.methods import METHODS
-
-    if method not in METHODS:
-        raise GrenError(f"unknown method {method!r}; registered: {', '.join(sorted(METHODS))}")
     run_dir = Path(out).expanduser()
     saved_config_path = run_dir / "config.yaml"
     if resume and saved_config_path.is_file():
