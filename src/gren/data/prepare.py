@@ -450,6 +450,8 @@ def _run_chunks(tasks: list[_ChunkTask], work: Path, size: int, lungs: LungsSpec
             for marker in iterator:
                 results.append(marker)
                 bar.update(marker["stop"] - marker["start"])
+                log.debug("chunk %d (rows %d-%d) done, %d unreadable", marker["chunk"], marker["start"],
+                          marker["stop"], len(marker["failed"]))
                 if stall_after and len(results) == stall_after:
                     log.warning("%s=%d: stalling after %d chunks (test hook)", STALL_AFTER_CHUNKS_ENV,
                                 stall_after, len(results))
