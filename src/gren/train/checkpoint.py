@@ -47,15 +47,40 @@ def _free_text(folder: Path) -> str:
         return f"free space in {folder} unknown"
 
 
-def _looks_like_no_space(err: BaseException) -> bool:
-    """ENOSPC / EDQUOT, also behind torch's ``PytorchStreamWriter failed writing file`` RuntimeError."""
+_FREE_MARGIN = 1 << 20  # bytes
+
+
+def _payload_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: what ``torch.save`` will write, roughly."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_payload_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_payload_bytes(v) for v in value)
+    return 0
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _looks_like_no_space(err: BaseException, free: int | None, partial: int, needed: int) -> bool:
+    """ENOSPC / EDQUOT, also behind torch's RuntimeErrors (``file write failed``, ``unexpected pos``),
+    which carry no errno: then judged from the free space left when the write failed (``free`` bytes,
+    the partial file ``partial`` bytes, the payload ``needed`` bytes)."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         seen = seen.__cause__ or seen.__context__
     text = str(err).lower()
-    return "no space left" in text or "file write failed" in text or "failed writing" in text
+    if "no space left" in text:
+        return True
+    return free is not None and (free < _FREE_MARGIN or free + partial < needed)
 
 
 def save_checkpoint(path: str | os.PathLike, **contents) -> None:
@@ -67,16 +92,19 @@ def save_checkpoint(path: str | os.PathLike, **contents) -> None:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    needed = _payload_bytes(contents)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"format": CHECKPOINT_FORMAT, **contents}, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
+        free = _free_bytes(path.parent) if path.parent.is_dir() else None  # before the partial file goes
         try:
-            tmp.unlink(missing_ok=True)
+            partial = tmp.stat().st_size
+            tmp.unlink()
         except OSError:
-            pass
-        if _looks_like_no_space(err):
+            partial = 0
+        if _looks_like_no_space(err, free, partial, needed):
             raise GrenError(f"{path}: cannot write checkpoint: no space left on device "
                             f"({_free_text(path.parent if path.parent.is_dir() else Path('.'))}); free some space "
                             "or choose another --out; the previous checkpoint, if any, is intact") from err
