@@ -128,10 +128,12 @@ def _dicom_header(path: str | os.PathLike):
 def _dicom_dims(path: str | os.PathLike, header) -> tuple[int, int, int]:
     try:
         width, height = int(header.Columns), int(header.Rows)
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as err:
-        raise ImageReadError(f"{path}: DICOM file without image dimensions (Rows/Columns); "
+        raise ImageReadError(f"{path}: DICOM file without valid image dimensions (Rows/Columns/NumberOfFrames); "
                              "expected a 2-D X-ray image") from err
-    frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+    if width <= 0 or height <= 0:
+        raise ImageReadError(f"{path}: DICOM image of {width} x {height} pixels; expected a 2-D X-ray image")
     return width, height, frames
 
 

@@ -99,7 +99,7 @@ def _find_one(data_dir: Path, names: tuple[str, ...]) -> tuple[Path | None, list
         entries = list(os.scandir(data_dir))
     except OSError as err:
         raise DataError(f"{data_dir}: cannot list the data folder ({err})") from err
-    by_lower = {e.name.lower(): Path(e.path) for e in entries if e.is_file()}
+    by_lower = {e.name.lower(): Path(e.path) for e in entries if _utf8(e.name) and _is_file(e)}
     for name in names:
         if name.lower() in by_lower:
             present[name] = by_lower[name.lower()]
