@@ -247,3 +247,37 @@ def test_prepare_logs_progress_unless_quiet(tmp_path, caplog, monkeypatch, capsy
     capsys.readouterr()
     assert PreparedCache.is_complete(tmp_path / "c3")
     assert default_cache_dir(data, 32, "auto").name == "s32_auto"
+
+
+@pytest.mark.parametrize("command", [
+    ["prepare", "--data", "{data}", "--out", "{file}", "--size", "32", "--workers", "1"],
+    ["data", "split", "--data", "{data}", "--out", "{file}", "--folds", "2", "--protocol", "0.5_0.5"],
+    ["data", "synth", "--out", "{file}", "--n", "2"],
+    ["lungs", "preview", "--data", "{data}", "--out", "{file}/sheet.png"],
+])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, caplog, command):
+    data = make_dataset(tmp_path / "data", n=6, size=40)
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    before = snapshot(tmp_path)
+    caplog.set_level(logging.ERROR)
+    argv = [part.format(data=data, file=target) for part in command]
+    assert main(argv) == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "taken" in errors[0].getMessage() and "not a folder" in errors[0].getMessage()
+    assert snapshot(tmp_path) == before and target.read_text() == "mine"
+
+
+def test_split_write_failure_names_the_file(tmp_path, monkeypatch):
+    from gren.data import splits
+    from gren.errors import GrenError
+
+    data = make_dataset(tmp_path / "data", n=12, size=40)
+    folds = make_folds(load_index(data).records, "0.5_0.5", folds=2, seed=0)
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(splits.pd.DataFrame, "to_csv", full)
+    with pytest.raises(GrenError, match=r"\.fold_0\.csv\.\d+\.partial: cannot write the split \(No space left on device\)"):
+        splits.write_split(folds, tmp_path / "out", {})

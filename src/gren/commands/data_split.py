@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from gren.data.source import split_records
 from gren.data.splits import SPLIT_BY, make_folds, parse_protocol, split_summary, write_split
+from gren.errors import GrenError
 
 GROUP = "data"
 NAME = "split"
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     protocol = parse_protocol(args.protocol)  # validate before the (slower) index load
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GrenError(f"--out {out}: exists and is not a folder; expected the folder for fold_<k>.csv")
     # The images training will use: unreadable and undecodable ones left out, as prepare leaves them out.
     records, data_dir = split_records(args.data, strict=args.strict)
     folds = make_folds(records, protocol, folds=args.folds, seed=args.seed, split_by=args.split_by)

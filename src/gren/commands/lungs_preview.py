@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import tempfile
 from pathlib import Path
 
 from gren.errors import GrenError
@@ -46,8 +46,11 @@ def check_output_path(value: str) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GrenError(f"--out {out}: cannot create the folder {parent} ({err.strerror or err})") from err
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GrenError(f"--out {out}: the folder {parent} is not writable")
+    try:  # the real test of writability (os.access says yes to root, and on read-only mounts)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".gren-write-test-"):
+            pass
+    except OSError as err:
+        raise GrenError(f"--out {out}: cannot write into {parent} ({err.strerror or err})") from err
     return out
 
 

@@ -604,6 +604,8 @@ def prepare_cache(
     lungs_spec = LungsSpec.parse(lungs)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GrenError(f"--out {out_dir}: exists and is not a folder; expected a new, empty or cache folder")
     if lungs_spec.spec == "masks" and not (data_dir / "masks").is_dir():
         raise DataError(f"{data_dir}: --lungs masks needs a masks/ folder with <stem>.png lung masks")
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
