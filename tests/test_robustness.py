@@ -41,6 +41,7 @@ def odd_folder(tmp_path):
     os.symlink("..", images / "sub" / "up")
     os.symlink("/nonexistent/folder", root / "old_images")
     os.symlink("top_loop", root / "top_loop")
+    os.mkfifo(images / "img_007.png.fifo.png")
     with open(os.path.join(os.fsencode(images), BAD_NAME), "wb") as handle:
         handle.write((images / "img_000.png").read_bytes())
     return root
@@ -58,13 +59,14 @@ def test_scan_skips_and_names_bad_links_and_names(odd_folder, caplog):
     names = {p.name for p in files}
     assert "img_000.png" in names and "dangling.png" not in names and "loop.png" not in names
     skipped = _skipped(problems)
-    assert len(skipped) == 6, skipped
+    assert len(skipped) == 7, skipped
     by_name = {os.path.basename(k): v for k, v in skipped.items()}
     assert "dangling symbolic link" in by_name["dangling.png"] and "no_such_file.png" in by_name["dangling.png"]
     assert "symbolic link loop" in by_name["loop.png"]
     assert "symbolic link loop" in by_name["up"] and "folder above it" in by_name["up"]
     assert "dangling symbolic link" in by_name["old_images"]
     assert "symbolic link loop" in by_name["top_loop"]
+    assert "not a regular file or folder (a FIFO)" in by_name["img_007.png.fifo.png"]
     assert "not valid UTF-8" in by_name["img_\\xff\\xfe.png"]
     for name in ("dangling.png", "loop.png", "old_images", "img_\\xff\\xfe.png"):
         assert name in caplog.text  # each named in the log
@@ -74,11 +76,11 @@ def test_data_check_reports_bad_entries_as_problems(odd_folder, capsys):
     before = snapshot(odd_folder)
     assert main(["data", "check", "--data", str(odd_folder), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["images"]["found"] == 8 and summary["images"]["skipped_entries"] == 6
-    assert len(_skipped(summary["problems"])) == 6
+    assert summary["images"]["found"] == 8 and summary["images"]["skipped_entries"] == 7
+    assert len(_skipped(summary["problems"])) == 7
     assert main(["data", "check", "--data", str(odd_folder)]) == 0
     text = capsys.readouterr().out
-    assert "skipped (dangling/looping links, non-UTF-8 names): 6" in text and "dangling symbolic link" in text
+    assert "skipped (dangling/looping links, non-UTF-8 names, FIFOs): 7" in text and "dangling symbolic link" in text
     assert main(["data", "check", "--data", str(odd_folder), "--strict"]) == 2  # strict: problems are errors
     assert snapshot(odd_folder) == before
 

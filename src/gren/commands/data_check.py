@@ -48,7 +48,7 @@ def format_report(summary: dict, max_problems: int = _LISTED_PROBLEMS) -> str:
         ("unreadable", "unreadable (left out)"),
         ("unlisted_files", "files not in the label list"),
         ("duplicate_files", "stems found in several files"),
-        ("skipped_entries", "skipped (dangling/looping links, non-UTF-8 names)"),
+        ("skipped_entries", "skipped (dangling/looping links, non-UTF-8 names, FIFOs)"),
         ("tiny", f"smaller than {MIN_FILM_SIDE} px (kept)"),
         ("with_mask", "with a lung mask"),
     ):

@@ -477,6 +477,14 @@ def _utf8(name: str) -> bool:
     return True
 
 
+def _special_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
 def scan_files(
     root: str | os.PathLike,
     prune: Callable[[Path, str], bool] | None = None,
@@ -487,7 +495,8 @@ def scan_files(
     ``prune(parent, name)``: True to skip the sub-folder ``name`` of ``parent``. Skipped, each logged
     as a warning naming it and appended to ``problems`` (``line=None``): a dangling symbolic link, a
     symbolic link loop (a link to itself or to a folder above it), a file or folder whose name is not
-    valid UTF-8, and a folder that cannot be listed. A folder reached twice through links is walked once.
+    valid UTF-8, a FIFO, socket or device (reading one could block forever), and a folder that cannot
+    be listed. A folder reached twice through links is walked once.
     """
     root = Path(root)
     found: list[Path] = []
@@ -530,6 +539,7 @@ def scan_files(
                     is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
                 else:
                     is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
+                    mode = 0 if is_dir or is_file else entry.stat(follow_symlinks=False).st_mode
             except OSError as err:
                 skip(entry.path, f"cannot be read ({err.strerror or err}); skipped")
                 continue
@@ -548,6 +558,8 @@ def scan_files(
                 subfolders.append((Path(entry.path), (*ancestors, real)))
             elif is_file:
                 found.append(Path(entry.path))
+            else:
+                skip(entry.path, f"not a regular file or folder (a {_special_kind(mode)}); skipped")
         stack.extend(reversed(subfolders))
     if skipped:
         for problem in skipped[:_LOGGED_SKIPS]:
