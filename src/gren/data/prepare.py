@@ -622,7 +622,8 @@ def prepare_cache(
         if is_no_space(err):
             raise GrenError(no_space_message(Path(err.filename) if err.filename else out_dir) +
                             "; the partial cache is kept and a rerun resumes it") from err
-        raise GrenError(f"{err.filename or out_dir}: cannot write the cache ({err.strerror or err})") from err
+        raise GrenError(f"{err.filename or out_dir}: {err.strerror or err} (while preparing the cache "
+                        f"{out_dir})") from err
 
 
 @contextlib.contextmanager

@@ -105,7 +105,13 @@ def _cached_failures(data_dir: Path) -> tuple[set[str], Path] | None:
     roots = [data_dir / CACHE_SUBDIR,
              user_cache_root() / hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]]
     candidates = [p for root in roots if root.is_dir() for p in sorted(root.iterdir()) if p.is_dir()]
-    complete = [p for p in candidates if PreparedCache.is_complete(p)]
+    complete = []
+    for candidate in candidates:
+        try:
+            if PreparedCache.is_complete(candidate):
+                complete.append(candidate)
+        except DataError as err:  # a damaged cache is no source of truth; the images are decoded instead
+            log.warning("%s", err)
     if not complete:
         return None
     sha = source_stamp(data_dir)["sha256"]
