@@ -317,6 +317,12 @@ def test_lungs_evaluate_skips_an_unreadable_image(tmp_path, capsys, caplog):
     assert sorted(r["stem"] for r in result["images"]) == ["f0", "f1", "f3", "f4"]
     assert "f2.png" in caplog.text and "1 of 5 images skipped" in caplog.text
     assert snapshot(root) == before
+    caplog.clear()
+    sheet = tmp_path / "out" / "sheet.png"
+    assert main(["-q", "lungs", "preview", "--data", str(root), "--out", str(sheet), "--n", "5",
+                 "--tile", "64", "--columns", "2"]) == 0
+    assert Image.open(sheet).size == (128, 128)  # 4 tiles: the unreadable film left out
+    assert "skipped f2" in caplog.text and snapshot(root) == before
 
 
 # --- progress ---------------------------------------------------------------------------------------

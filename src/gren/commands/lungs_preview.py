@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from gren.errors import GrenError
+from gren.errors import DataError, GrenError
 from gren.lungs.segment import SPEC_HELP
 
 GROUP = "lungs"
@@ -65,10 +65,16 @@ def run(args: argparse.Namespace) -> int:
     samples = pick_evenly(find_samples(args.data), max(1, args.n))
     tiles = []
     fallbacks = 0
+    skipped = 0
     for sample in samples:
-        image = read_gray(sample.image_path)
+        try:
+            image = read_gray(sample.image_path)
+            truth = read_mask(sample.mask_path, image.shape) if sample.mask_path else None
+        except DataError as err:  # ImageReadError included: one bad film costs its tile, not the sheet
+            log.warning("skipped %s: %s", sample.stem, err)
+            skipped += 1
+            continue
         masks, fallback = segmenter.segment(image[None])
-        truth = read_mask(sample.mask_path, image.shape) if sample.mask_path else None
         caption = sample.stem[:18]
         if truth is not None:
             caption += f" {lung_dice(masks[0], truth).mean():.2f}"
@@ -76,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
             caption += " prior"
             fallbacks += 1
         tiles.append(overlay_tile(image, masks[0], truth, args.tile, caption))
+    if skipped:
+        log.warning("%d of %d images skipped as unreadable", skipped, len(samples))
+    if not tiles:
+        raise DataError(f"{args.data}: none of the {len(samples)} images picked could be read")
     try:
         contact_sheet(tiles, args.columns).save(out)
     except OSError as err:
