@@ -67,8 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Logging levels for ``-q`` / default / ``-v`` / ``-vv``.
+
+    * ``-q``: warnings and errors only; no progress bars or progress lines (:mod:`gren.progress`
+      reports at INFO);
+    * default: INFO (what is done, counts, progress lines in batch logs);
+    * ``-v``: DEBUG from gren's own modules (per-file details such as duplicate stems), INFO elsewhere;
+    * ``-vv``: DEBUG from every library too, with the process id in each line (worker pools, DDP ranks).
+
+    Sets the levels every call (so repeated in-process :func:`main` calls get what they ask for) and
+    adds a stderr handler only when the root logger has none.
+    """
+    if quiet:
+        root_level, gren_level = logging.WARNING, logging.NOTSET
+    elif verbose >= 2:
+        root_level, gren_level = logging.DEBUG, logging.NOTSET
+    elif verbose == 1:
+        root_level, gren_level = logging.INFO, logging.DEBUG
+    else:
+        root_level, gren_level = logging.INFO, logging.NOTSET
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(handler)
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    if verbose >= 2 and not quiet:
+        fmt = "%(asctime)s %(levelname)-7s [%(process)d] %(name)s:%(lineno)d: %(message)s"
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+            handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root.setLevel(root_level)
+    log.setLevel(gren_level)
 
 
 def main(argv: list[str] | None = None) -> int:

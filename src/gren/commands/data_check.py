@@ -7,7 +7,7 @@ import json
 import logging
 
 from gren.data.labels import BOX_CLASSES, LABELS, NO_FINDING
-from gren.data.nih import load_index
+from gren.data.nih import MIN_FILM_SIDE, load_index
 from gren.errors import DataError
 
 GROUP = "data"
@@ -48,6 +48,8 @@ def format_report(summary: dict, max_problems: int = _LISTED_PROBLEMS) -> str:
         ("unreadable", "unreadable (left out)"),
         ("unlisted_files", "files not in the label list"),
         ("duplicate_files", "stems found in several files"),
+        ("skipped_entries", "skipped (dangling/looping links, non-UTF-8 names, FIFOs)"),
+        ("tiny", f"smaller than {MIN_FILM_SIDE} px (kept)"),
         ("with_mask", "with a lung mask"),
     ):
         if images.get(key):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from gren.data.nih import load_index
+from gren.data.source import split_records
 from gren.data.splits import SPLIT_BY, make_folds, parse_protocol, split_summary, write_split
+from gren.errors import GrenError
 
 GROUP = "data"
 NAME = "split"
@@ -16,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="DIR", help="folder in the NIH layout")
+    parser.add_argument("--data", required=True, metavar="DIR|CACHE",
+                        help="folder in the NIH layout, or a prepared cache (the same images training uses)")
     parser.add_argument(
         "--protocol",
         default="0.5_0.8",
@@ -34,9 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     protocol = parse_protocol(args.protocol)  # validate before the (slower) index load
-    index = load_index(args.data, strict=args.strict)
-    folds = make_folds(index.records, protocol, folds=args.folds, seed=args.seed, split_by=args.split_by)
-    summary = split_summary(folds, protocol, args.seed, args.split_by, data_dir=str(index.data_dir))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise GrenError(f"--out {out}: exists and is not a folder; expected the folder for fold_<k>.csv")
+    # The images training will use: unreadable and undecodable ones left out, as prepare leaves them out.
+    records, data_dir = split_records(args.data, strict=args.strict)
+    folds = make_folds(records, protocol, folds=args.folds, seed=args.seed, split_by=args.split_by)
+    summary = split_summary(folds, protocol, args.seed, args.split_by, data_dir=str(data_dir))
     paths = write_split(folds, args.out, summary)
     for stats in summary["per_fold"]:
         log.info(

@@ -22,9 +22,14 @@ not matter; width/height are the two columns starting at ``OriginalImage[Width``
 
 from __future__ import annotations
 
+import errno
+import gzip
 import logging
 import os
+import stat
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +39,7 @@ import pandas as pd
 from gren.data.io import IMAGE_EXTENSIONS, image_size, is_image_file, read_gray
 from gren.data.labels import BOX_CLASSES, LABEL_INDEX, LABELS, NO_FINDING, canonical_label
 from gren.errors import DataError, ImageReadError
+from gren.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,11 @@ BOX_SPACE = 1024.0
 _BOX_TOLERANCE = 0.5  # pixels (1024 space) a box may overhang the image before it is reported
 _MAX_COLUMNS = 32  # wider rows are malformed
 _STRICT_LISTED = 20  # problems quoted in a strict-mode error message
+_LOGGED_SKIPS = 10  # skipped entries (bad links, odd names) named one by one in the log
+MIN_FILM_SIDE = 32
+"""Pixels: an image with a side shorter than this is not a plausible chest film (kept, reported)."""
+# Errors a damaged (e.g. truncated .gz) CSV can raise while it is read.
+_CSV_READ_ERRORS = (UnicodeDecodeError, OSError, EOFError, zlib.error, gzip.BadGzipFile)
 
 DATA_ENTRY_NAMES = (
     "Data_Entry_2017_v2020.csv",
@@ -58,19 +69,23 @@ BBOX_NAMES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 @dataclass(frozen=True)
 class Problem:
     """One problem found in the input: ``file``, 1-based ``line`` (``None`` for a whole file or an image
-    file), ``message``, and ``severity`` (``"warning"``: repaired or left out; ``"error"``: fatal)."""
+    file), ``message``, ``severity`` (``"warning"``: repaired or left out; ``"error"``: fatal) and
+    ``kind`` (``"row"`` for CSV rows, ``"unreadable"``: an image left out, ``"skipped"``: a bad link
+    or file name skipped by the folder scan, ``"tiny"``: an implausibly small image, kept)."""
 
     file: str
     line: int | None
     message: str
     severity: str = "warning"
+    kind: str = "row"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         return f"{where}: {self.message}"
 
     def as_dict(self) -> dict:
-        return {"file": self.file, "line": self.line, "severity": self.severity, "message": self.message}
+        return {"file": self.file, "line": self.line, "severity": self.severity, "message": self.message,
+                "kind": self.kind}
 
 
 def _norm_header(name: str) -> str:
@@ -84,7 +99,7 @@ def _find_one(data_dir: Path, names: tuple[str, ...]) -> tuple[Path | None, list
         entries = list(os.scandir(data_dir))
     except OSError as err:
         raise DataError(f"{data_dir}: cannot list the data folder ({err})") from err
-    by_lower = {e.name.lower(): Path(e.path) for e in entries if e.is_file()}
+    by_lower = {e.name.lower(): Path(e.path) for e in entries if _utf8(e.name) and _is_file(e)}
     for name in names:
         if name.lower() in by_lower:
             present[name] = by_lower[name.lower()]
@@ -126,8 +141,10 @@ def _read_table(path: Path) -> tuple[list[str], pd.DataFrame]:
         header = pd.read_csv(path, header=None, nrows=1, dtype=object, na_filter=False)
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: empty file (expected a header line)") from err
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
+    except pd.errors.ParserError as err:
         raise DataError(f"{path}: cannot read as CSV ({err})") from err
+    except _CSV_READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read as CSV ({_describe_read_error(path, err)})") from err
     header_fields = [str(v) for v in header.iloc[0].tolist()]
     try:
         rows = pd.read_csv(
@@ -144,8 +161,8 @@ def _read_table(path: Path) -> tuple[list[str], pd.DataFrame]:
         rows = pd.DataFrame({c: pd.Series([], dtype=object) for c in range(_MAX_COLUMNS)})
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed CSV ({err})") from err
-    except (UnicodeDecodeError, OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read as CSV ({err})") from err
+    except _CSV_READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read as CSV ({_describe_read_error(path, err)})") from err
     rows["line"] = np.arange(len(rows), dtype=np.int64) + 2
     first_empty = np.flatnonzero(rows[0].to_numpy() == "")
     if len(first_empty):
@@ -153,6 +170,16 @@ def _read_table(path: Path) -> tuple[list[str], pd.DataFrame]:
         blank = first_empty[~values.astype(bool).any(axis=1)]
         rows = rows.drop(index=rows.index[blank]).reset_index(drop=True)
     return header_fields, rows
+
+
+def _describe_read_error(path: Path, err: BaseException) -> str:
+    """What went wrong reading a CSV: a damaged gzip stream is named as such."""
+    if isinstance(err, zlib.error | gzip.BadGzipFile | EOFError) or str(path).lower().endswith(".gz") and \
+            isinstance(err, OSError) and not isinstance(err, FileNotFoundError | PermissionError):
+        return f"damaged or truncated gzip data: {type(err).__name__}: {err}; expected a complete .csv.gz file"
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text ({err}); expected a comma-separated text file"
+    return f"{type(err).__name__}: {err}"
 
 
 def _strip(values: pd.Series) -> list[str]:
@@ -437,30 +464,133 @@ def _rank(path: Path, root: Path) -> tuple:
     return (path.parent.name.lower() != "images", len(rel.parts), path.suffix.lower() != ".png", str(rel))
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path as printable text: bytes that are not UTF-8 shown as ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _special_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def scan_files(
+    root: str | os.PathLike,
+    prune: Callable[[Path, str], bool] | None = None,
+    problems: list[Problem] | None = None,
+) -> list[Path]:
+    """Every regular file below ``root`` (sorted walk; symlinked folders and files followed).
+
+    ``prune(parent, name)``: True to skip the sub-folder ``name`` of ``parent``. Skipped, each logged
+    as a warning naming it and appended to ``problems`` (``line=None``): a dangling symbolic link, a
+    symbolic link loop (a link to itself or to a folder above it), a file or folder whose name is not
+    valid UTF-8, a FIFO, socket or device (reading one could block forever), and a folder that cannot
+    be listed. A folder reached twice through links is walked once.
+    """
+    root = Path(root)
+    found: list[Path] = []
+    skipped: list[Problem] = []
+
+    def skip(path: str, message: str) -> None:
+        skipped.append(Problem(display_path(path), None, message, kind="skipped"))
+
+    root_real = os.path.realpath(root)
+    seen = {root_real}
+    stack: list[tuple[Path, tuple[str, ...]]] = [(root, (root_real,))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: os.fsencode(e.name))
+        except OSError as err:
+            skip(str(folder), f"folder cannot be listed ({err.strerror or err}); skipped")
+            continue
+        subfolders: list[tuple[Path, tuple[str, ...]]] = []
+        for entry in entries:
+            name = entry.name
+            if not _utf8(name):
+                skip(entry.path, "name is not valid UTF-8 text; skipped (rename it to read it)")
+                continue
+            try:
+                if entry.is_symlink():
+                    try:
+                        mode = os.stat(entry.path).st_mode
+                    except FileNotFoundError:
+                        skip(entry.path, f"dangling symbolic link (to {display_path(os.readlink(entry.path))}, "
+                                         "which does not exist); skipped")
+                        continue
+                    except OSError as err:
+                        if err.errno == errno.ELOOP:
+                            skip(entry.path, "symbolic link loop; skipped")
+                        else:
+                            skip(entry.path, f"symbolic link cannot be followed ({err.strerror or err}); skipped")
+                        continue
+                    is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
+                else:
+                    is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
+                    mode = 0 if is_dir or is_file else entry.stat(follow_symlinks=False).st_mode
+            except OSError as err:
+                skip(entry.path, f"cannot be read ({err.strerror or err}); skipped")
+                continue
+            if is_dir:
+                if prune is not None and prune(folder, name):
+                    continue
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    skip(entry.path, f"symbolic link loop (points to {display_path(real)}, a folder above it); "
+                                     "skipped")
+                    continue
+                if real in seen:
+                    log.debug("%s: folder already scanned through another path; skipped", entry.path)
+                    continue
+                seen.add(real)
+                subfolders.append((Path(entry.path), (*ancestors, real)))
+            elif is_file:
+                found.append(Path(entry.path))
+            else:
+                skip(entry.path, f"not a regular file or folder (a {_special_kind(mode)}); skipped")
+        stack.extend(reversed(subfolders))
+    if skipped:
+        for problem in skipped[:_LOGGED_SKIPS]:
+            log.warning("%s", problem)
+        if len(skipped) > _LOGGED_SKIPS:
+            log.warning("... and %d more entries under %s skipped (bad links or names)",
+                        len(skipped) - _LOGGED_SKIPS, root)
+        if problems is not None:
+            problems.extend(skipped)
+    return found
+
+
 def find_image_files(
-    data_dir: str | os.PathLike, exclude_top: tuple[str, ...] = ("masks",)
+    data_dir: str | os.PathLike, exclude_top: tuple[str, ...] = ("masks",), problems: list[Problem] | None = None
 ) -> tuple[dict[str, Path], int]:
     """Map image stem -> file for every image file under ``data_dir`` (symlinked folders followed,
     hidden folders and the top-level ``masks/`` skipped).
 
     When a stem occurs in several files one is chosen deterministically (see :func:`_rank`); returns
-    the map and the number of such duplicate stems.
+    the map and the number of such duplicate stems. Dangling or looping links and names that are not
+    UTF-8 are skipped with a warning and appended to ``problems`` (see :func:`scan_files`).
     """
     root = Path(data_dir)
+
+    def prune(parent: Path, name: str) -> bool:
+        return name.startswith(".") or (parent == root and name.lower() in exclude_top)
+
     candidates: dict[str, list[Path]] = {}
-    seen_dirs: set[str] = set()
-    for current, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(current)
-        if real in seen_dirs:
-            dirs[:] = []
-            continue
-        seen_dirs.add(real)
-        top = Path(current) == root
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d.lower() in exclude_top))
-        for file_name in files:
-            if is_image_file(file_name):
-                stem = os.path.splitext(file_name)[0]
-                candidates.setdefault(stem, []).append(Path(current) / file_name)
+    for path in scan_files(root, prune, problems):
+        if is_image_file(path.name):
+            candidates.setdefault(os.path.splitext(path.name)[0], []).append(path)
     chosen: dict[str, Path] = {}
     duplicates = 0
     for stem, paths in candidates.items():
@@ -476,11 +606,19 @@ def _find_masks(data_dir: Path) -> dict[str, Path]:
     masks_dir = data_dir / "masks"
     if not masks_dir.is_dir():
         return {}
-    return {
-        os.path.splitext(e.name)[0]: Path(e.path)
-        for e in os.scandir(masks_dir)
-        if e.is_file() and e.name.lower().endswith(".png")
-    }
+    masks = {}
+    for entry in os.scandir(masks_dir):
+        # Bad links and names were reported by the scan of the folder; here they are just left out.
+        if _utf8(entry.name) and entry.name.lower().endswith(".png") and _is_file(entry):
+            masks[os.path.splitext(entry.name)[0]] = Path(entry.path)
+    return masks
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -573,6 +711,8 @@ class DatasetIndex:
                 "unreadable": stats.get("unreadable", 0),
                 "unlisted_files": stats.get("unlisted_files", 0),
                 "duplicate_files": stats.get("duplicate_files", 0),
+                "skipped_entries": sum(p.kind == "skipped" for p in self.problems),
+                "tiny": sum(p.kind == "tiny" for p in self.problems),
                 "with_mask": int((records["mask_path"] != "").sum()),
             },
             "patients": int(records["patient_id"].nunique()),
@@ -660,7 +800,9 @@ def load_index(
     else:
         raw_boxes, box_rows = read_bbox_list(bbox_path, listed, problems)
 
-    files, duplicate_files = find_image_files(data_dir)
+    files, duplicate_files = find_image_files(data_dir, problems=problems)
+    if (data_dir / "masks").is_dir():  # find_image_files skips masks/; its bad entries are reported here
+        scan_files(data_dir / "masks", lambda parent, name: True, problems)
     masks = _find_masks(data_dir)
     on_disk = listed["image_id"].map(files)
     found_mask = on_disk.notna().to_numpy()
@@ -672,6 +814,14 @@ def load_index(
     found["width"], found["height"] = widths, heights
     unreadable = int((~readable).sum())
     found = found[readable]
+    tiny = (found["width"] < MIN_FILM_SIDE) | (found["height"] < MIN_FILM_SIDE)
+    for path, width, height in found.loc[tiny, ["path", "width", "height"]].itertuples(index=False):
+        problems.append(Problem(str(path), None, f"image of only {width} x {height} pixels (a chest film is expected "
+                                                 f"to be at least {MIN_FILM_SIDE} px on each side); kept",
+                                kind="tiny"))
+    if tiny.any():
+        log.warning("%d image(s) smaller than %d px on a side (kept; see the problems list)", int(tiny.sum()),
+                    MIN_FILM_SIDE)
 
     box_images = set(raw_boxes["image_id"])
     found_ids = set(found["image_id"])
@@ -763,12 +913,7 @@ def _read_sizes(
     readable = np.ones(len(paths), dtype=bool)
     iterator = paths
     if len(paths) > (200 if verify else 20_000):
-        from tqdm import tqdm
-
-        iterator = tqdm(
-            paths, desc="verifying images" if verify else "reading image sizes", unit="img", leave=False,
-            disable=None,
-        )
+        iterator = progress(paths, desc="verifying images" if verify else "reading image sizes", unit="img")
     for i, path in enumerate(iterator):
         try:
             if verify:
@@ -780,7 +925,8 @@ def _read_sizes(
             if on_bad_image == "error":
                 raise
             readable[i] = False
-            problems.append(Problem(path, None, f"unreadable image, left out ({err.__cause__ or err})"))
+            problems.append(Problem(path, None, f"unreadable image, left out ({err.__cause__ or err})",
+                                    kind="unreadable"))
     if not readable.all():
         log.warning("%d unreadable image(s) left out", int((~readable).sum()))
     return widths, heights, readable

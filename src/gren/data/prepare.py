@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -41,13 +42,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 import gren
 from gren.data import cache_format as fmt
 from gren.data.io import is_image_file, read_gray_resized, read_mask
 from gren.data.labels import LABEL_INDEX, LABELS
 from gren.errors import DataError, GrenError
+from gren.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +96,130 @@ class LungsSpec:
 def source_stamp(data_dir: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A fingerprint of what ``prepare`` reads from ``data_dir``.
 
-    SHA-256 over the contents of the top-level CSV files and the relative path and byte size of every
-    image file below ``data_dir`` (``.gren_cache`` and the ``exclude`` folders skipped). A copied or
-    moved folder keeps its stamp; an added, removed or replaced image or an edited CSV changes it.
+    SHA-256 over the contents of the top-level CSV files and the relative path, byte size and
+    modification time (ns) of every image file below ``data_dir``, symlinked folders and files
+    followed (so an image replaced behind a symlinked ``images/`` changes it); ``.gren_cache`` and the
+    ``exclude`` folders are skipped, and so are dangling or looping links and names that are not
+    UTF-8 (warned about, see :func:`gren.data.nih.scan_files`). A moved folder, or one copied with
+    its times kept (``cp -a``, ``rsync -a``), keeps its stamp; an added, removed, replaced or touched
+    image or an edited CSV changes it.
     Returns ``{"sha256": hex, "n_image_files": int, "csv_files": [names]}``.
     """
+    from gren.data.nih import scan_files
+
     root = Path(data_dir).resolve()
-    excluded = {p.resolve() for p in exclude}
+    excluded = {os.path.realpath(p) for p in exclude}
     digest = hashlib.sha256()
-    csv_files = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.lower().endswith((".csv", ".csv.gz")))
+    csv_files = []
+    for entry in sorted(os.scandir(root), key=lambda e: os.fsencode(e.name)):
+        name = entry.name.lower()
+        if name.endswith((".csv", ".csv.gz")) and _entry_is_file(entry):
+            csv_files.append(entry.name)
     for name in csv_files:
-        digest.update(f"csv\0{name}\0".encode())
-        with open(root / name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(b"csv\0" + os.fsencode(name) + b"\0")
+        try:
+            with open(root / name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as err:
+            raise DataError(f"{root / name}: cannot read ({err.strerror or err})") from err
+
+    def prune(parent: Path, name: str) -> bool:
+        return name == ".gren_cache" or os.path.realpath(parent / name) in excluded
+
     n_images = 0
-    for current, dirs, files in os.walk(root):
-        current_path = Path(current)
-        dirs[:] = sorted(d for d in dirs if d != ".gren_cache" and (current_path / d).resolve() not in excluded)
-        for name in sorted(files):
-            if is_image_file(name):
-                path = current_path / name
-                rel = path.relative_to(root).as_posix()
-                digest.update(f"img\0{rel}\0{path.stat().st_size}\n".encode())
-                n_images += 1
+    for path in scan_files(root, prune):
+        if not is_image_file(path.name):
+            continue
+        try:
+            info = path.stat()
+        except OSError:  # vanished since the scan
+            continue
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"img\0{rel}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        n_images += 1
     return {"sha256": digest.hexdigest(), "n_image_files": n_images, "csv_files": csv_files}
+
+
+def _entry_is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+# --- disk space -------------------------------------------------------------------------------------
+
+_SPACE_MARGIN = 1.05  # reserve 5 % more than the arrays need (metadata, records.csv, markers)
+_SPACE_SLACK = 4 << 20  # bytes, plus this
+
+
+def no_space_message(path: Path, err: BaseException | None = None) -> str:
+    """``PATH: no space left on device (N MB free in FOLDER)``, as the user sees it."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free in {folder}"
+    except OSError:
+        free = f"free space in {folder} unknown"
+    return f"{path}: no space left on device ({free}); free some space or choose another --out"
+
+
+def is_no_space(err: BaseException) -> bool:
+    """True for an ENOSPC / EDQUOT ``OSError`` (also when re-raised through a worker pool)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _cache_bytes_needed(n: int, size: int) -> int:
+    """Bytes the work arrays and the final arrays of ``n`` rows need (worst case: one copy when rows fail)."""
+    per_row = sum(dtype.itemsize * int(np.prod(fmt.row_shape(name, size), dtype=np.int64))
+                  for name, (dtype, _) in fmt.ROW_ARRAYS.items())
+    per_row += len(LABELS) + 8  # labels, box offsets
+    return int(n * per_row)
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    """Raise :class:`GrenError` when ``out_dir``'s file system has less than ``needed`` bytes free (plus margin)."""
+    try:
+        free = shutil.disk_usage(out_dir).free
+    except OSError:
+        return
+    want = int(needed * _SPACE_MARGIN) + _SPACE_SLACK
+    if free < want:
+        raise GrenError(f"{out_dir}: not enough free space for the cache: about {want / 1e6:.1f} MB needed, "
+                        f"{free / 1e6:.1f} MB free; free some space, or choose another --out (or a smaller --size)")
+
+
+def reserve_file(path: Path) -> None:
+    """Allocate the blocks of ``path`` now (``posix_fallocate``), so that writing into its memory map
+    later cannot hit a full disk (which kills the process with SIGBUS). Raises :class:`GrenError`
+    naming the file when the space is not there."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # macOS, Windows: fall back to the free-space check done before
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as err:
+        raise GrenError(f"{path}: cannot open for writing ({err.strerror or err})") from err
+    try:
+        length = os.fstat(fd).st_size
+        if length:
+            fallocate(fd, 0, length)
+    except OSError as err:
+        if is_no_space(err):
+            raise GrenError(no_space_message(path)) from err
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise GrenError(f"{path}: cannot reserve {length / 1e6:.1f} MB ({err.strerror or err})") from err
+    finally:
+        os.close(fd)
+
+
+def _open_reserved_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` memory map at ``path`` whose blocks are reserved on disk (see :func:`reserve_file`)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    array.flush()
+    del array
+    reserve_file(path)
+    return np.load(path, mmap_mode="r+")
 
 
 class _ChunkTask(NamedTuple):
@@ -321,10 +421,9 @@ def _setup_work(out_dir: Path, image_ids: list[str], size: int) -> Path:
         shutil.rmtree(work)
     (work / fmt.CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
     n = len(image_ids)
+    check_free_space(out_dir, 2 * _cache_bytes_needed(n, size))  # work arrays, and a copy if rows fail
     for name, (dtype, _) in fmt.ROW_ARRAYS.items():
-        array = np.lib.format.open_memmap(work / f"{name}.npy", mode="w+", dtype=dtype,
-                                          shape=(n, *fmt.row_shape(name, size)))
-        array.flush()
+        array = _open_reserved_memmap(work / f"{name}.npy", dtype, (n, *fmt.row_shape(name, size)))
         del array
     fmt.write_json_atomic(ids_path, {"image_ids": image_ids})
     return work
@@ -336,7 +435,8 @@ def _run_chunks(tasks: list[_ChunkTask], work: Path, size: int, lungs: LungsSpec
     stall_after = int(os.environ.get(STALL_AFTER_CHUNKS_ENV, "0") or 0)
     results = []
     total_images = sum(t.stop - t.start for t in tasks)
-    bar = tqdm(total=total_images, unit="img", desc="prepare", disable=not progress or None, leave=False)
+    bar = progress_bar(total=total_images, unit="img", desc="prepare: decode, segment, hash",
+                       disable=not progress, logger=log)
     try:
         if workers <= 1:
             writer = _ChunkWriter(work, size, lungs)
@@ -350,6 +450,8 @@ def _run_chunks(tasks: list[_ChunkTask], work: Path, size: int, lungs: LungsSpec
             for marker in iterator:
                 results.append(marker)
                 bar.update(marker["stop"] - marker["start"])
+                log.debug("chunk %d (rows %d-%d) done, %d unreadable", marker["chunk"], marker["start"],
+                          marker["stop"], len(marker["failed"]))
                 if stall_after and len(results) == stall_after:
                     log.warning("%s=%d: stalling after %d chunks (test hook)", STALL_AFTER_CHUNKS_ENV,
                                 stall_after, len(results))
@@ -395,7 +497,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def _finalise(out_dir: Path, work: Path, index: Any, records: pd.DataFrame, markers: list[dict[str, Any]],
-              size: int) -> dict[str, Any]:
+              size: int, progress: bool = True) -> dict[str, Any]:
     """Turn the filled work arrays into the final cache (everything but ``meta.json``); returns counts."""
     failed = sorted((f for m in markers for f in m["failed"]), key=lambda f: f["row"])
     failed_rows = {f["row"] for f in failed}
@@ -412,8 +514,9 @@ def _finalise(out_dir: Path, work: Path, index: Any, records: pd.DataFrame, mark
             continue
         full = np.load(source, mmap_mode="r")
         tmp = target.with_name(f".{target.name}.tmp")
-        kept = np.lib.format.open_memmap(tmp, mode="w+", dtype=full.dtype, shape=(len(keep), *full.shape[1:]))
-        for start in range(0, len(keep), 1024):
+        kept = _open_reserved_memmap(tmp, full.dtype, (len(keep), *full.shape[1:]))
+        for start in progress_bar(range(0, len(keep), 1024), desc=f"prepare: compact {name}", unit="block",
+                                  disable=not progress or len(keep) < 20_000, logger=log):
             kept[start:start + 1024] = full[keep[start:start + 1024]]
         kept.flush()
         del kept, full
@@ -456,7 +559,7 @@ def _index_failures(index: Any) -> list[dict[str, Any]]:
     """Images the index left out because their header could not be read, as failure dicts."""
     failures = []
     for problem in getattr(index, "problems", []):
-        if problem.line is None and is_image_file(problem.file):
+        if getattr(problem, "kind", "") == "unreadable":
             failures.append({"row": -1, "image_id": Path(problem.file).stem, "path": str(problem.file),
                              "error": f"{problem.file}: {problem.message}"})
     return failures
@@ -501,16 +604,26 @@ def prepare_cache(
     lungs_spec = LungsSpec.parse(lungs)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GrenError(f"--out {out_dir}: exists and is not a folder; expected a new, empty or cache folder")
     if lungs_spec.spec == "masks" and not (data_dir / "masks").is_dir():
         raise DataError(f"{data_dir}: --lungs masks needs a masks/ folder with <stem>.png lung masks")
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
 
+    log.info("prepare: scanning %s", data_dir)
     stamp = source_stamp(data_dir, exclude=(out_dir,))
     params = _params(size, lungs_spec, stamp)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
-        return _prepare_locked(data_dir, out_dir, size, lungs_spec, workers, chunk_size, force, progress,
-                               stamp, params, started)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out_dir):
+            return _prepare_locked(data_dir, out_dir, size, lungs_spec, workers, chunk_size, force, progress,
+                                   stamp, params, started)
+    except OSError as err:
+        if is_no_space(err):
+            raise GrenError(no_space_message(Path(err.filename) if err.filename else out_dir) +
+                            "; the partial cache is kept and a rerun resumes it") from err
+        raise GrenError(f"{err.filename or out_dir}: {err.strerror or err} (while preparing the cache "
+                        f"{out_dir})") from err
 
 
 @contextlib.contextmanager
@@ -577,7 +690,8 @@ def _prepare_locked(data_dir: Path, out_dir: Path, size: int, lungs_spec: LungsS
         done[marker["chunk"]] = marker
     markers = [done[k] for k in sorted(done)]
 
-    counts = _finalise(out_dir, work, index, records, markers, size)
+    log.info("prepare: writing the cache arrays into %s", out_dir)
+    counts = _finalise(out_dir, work, index, records, markers, size, progress)
     counts["failures"] = _index_failures(index) + counts["failures"]
     counts["n_failed"] = len(counts["failures"])
     if counts["n_images"] == 0:

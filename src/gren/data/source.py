@@ -95,3 +95,88 @@ def open_prepared(path: str | os.PathLike, size: int | None = 256, lungs: str = 
     # prepare_cache returns at once when the cache is complete and the folder unchanged.
     prepare_cache(path, cache_dir, size=size, lungs=lungs, workers=workers, force=True)
     return PreparedCache(cache_dir)
+
+
+def _cached_failures(data_dir: Path) -> tuple[set[str], Path] | None:
+    """Image ids that a complete cache of ``data_dir``'s current contents could not decode, and that
+    cache; ``None`` when there is no such cache (in ``DIR/.gren_cache`` or the user cache)."""
+    from gren.data.prepare import source_stamp
+
+    roots = [data_dir / CACHE_SUBDIR,
+             user_cache_root() / hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]]
+    candidates = [p for root in roots if root.is_dir() for p in sorted(root.iterdir()) if p.is_dir()]
+    complete = []
+    for candidate in candidates:
+        try:
+            if PreparedCache.is_complete(candidate):
+                complete.append(candidate)
+        except DataError as err:  # a damaged cache is no source of truth; the images are decoded instead
+            log.warning("%s", err)
+    if not complete:
+        return None
+    sha = source_stamp(data_dir)["sha256"]
+    for cache_dir in complete:
+        meta = fmt.read_meta(cache_dir) or {}
+        if meta.get("params", {}).get("source_sha256") == sha:
+            failures = meta.get("summary", {}).get("failures", [])
+            return {str(f["image_id"]) for f in failures}, cache_dir
+    return None
+
+
+def _undecodable(records, progress: bool = True) -> set[str]:
+    """Image ids of ``records`` whose file cannot be decoded (what prepare skips), found by decoding each."""
+    from gren.data.io import read_gray
+    from gren.errors import ImageReadError
+    from gren.progress import progress as progress_bar
+
+    bad = set()
+    rows = list(zip(records["image_id"].astype(str), records["path"].astype(str)))
+    for image_id, path in progress_bar(rows, desc="data split: decoding images", unit="img", disable=not progress,
+                                       logger=log):
+        try:
+            read_gray(path)
+        except ImageReadError as err:
+            log.warning("left out of the split, as training leaves it out: %s", err)
+            bad.add(image_id)
+    return bad
+
+
+def split_records(path: str | os.PathLike, *, strict: bool = False, progress: bool = True):
+    """The records (DataFrame: ``image_id``, ``patient_id``, ``annotated``, ...) that training on
+    ``path`` uses, so that ``gren data split`` deals out exactly the images ``gren train`` sees.
+
+    * ``path`` is a prepared cache: its records (what training reads from it).
+    * ``path`` is a raw folder: the index (images whose header cannot be read left out, as
+      ``prepare`` does), minus the images that ``prepare`` could not decode (truncated, corrupt). These
+      come from a complete cache of the folder's current contents when there is one (no decoding),
+      else by decoding every listed image once.
+
+    Returns ``(records, data_dir)``. Why it matters: the folds are dealt from the list of images, so
+    one image more or less moves many others to another role.
+    """
+    from gren.data.nih import load_index
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such data or cache folder")
+    if PreparedCache.is_cache(path):
+        cache = PreparedCache(path)
+        return cache.records, Path(cache.meta.get("data_dir") or path)
+    index = load_index(path, strict=strict, on_bad_image="skip")
+    records = index.records
+    found = _cached_failures(path.resolve())
+    if found is not None:
+        failed, cache_dir = found
+        log.info("%s: %d undecodable image(s) left out, as recorded by the prepared cache %s", path, len(failed),
+                 cache_dir)
+    else:
+        log.info("%s: decoding the %d images once to leave out those training cannot read "
+                 "(a prepared cache of this folder makes this unnecessary)", path, len(records))
+        failed = _undecodable(records, progress)
+    if strict and failed:
+        raise DataError(f"{path}: {len(failed)} undecodable image(s) (strict mode), e.g. {sorted(failed)[0]}")
+    if failed:
+        log.warning("%d image(s) that cannot be decoded are left out of the split (as training leaves them out)",
+                    len(failed))
+        records = records[~records["image_id"].astype(str).isin(failed)].reset_index(drop=True)
+    return records, Path(index.data_dir)

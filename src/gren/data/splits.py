@@ -323,11 +323,16 @@ def read_fold_csv(path: str | os.PathLike) -> pd.DataFrame:
 def write_split(folds: list[pd.DataFrame], out_dir: str | os.PathLike, summary: dict) -> list[Path]:
     """Write ``fold_<k>.csv`` for k = 0..K-1 and ``split.json`` into ``out_dir``; returns the CSV paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, fold in enumerate(folds):
-        path = fold_path(out_dir, k)
-        write_fold_csv(fold, path)
-        paths.append(path)
-    (out_dir / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise GrenError(f"--out {out_dir}: exists and is not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for k, fold in enumerate(folds):
+            path = fold_path(out_dir, k)
+            write_fold_csv(fold, path)
+            paths.append(path)
+        (out_dir / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as err:
+        raise GrenError(f"{err.filename or out_dir}: cannot write the split ({err.strerror or err})") from err
     return paths

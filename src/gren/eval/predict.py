@@ -36,72 +36,23 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from gren.data.io import DICOM_SUFFIXES, is_dicom, read_dicom_gray, read_gray  # noqa: F401 - re-exported
 from gren.data.labels import LABELS
 from gren.errors import GrenError, ImageReadError
 
 log = logging.getLogger(__name__)
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
 OVERLAY_MAX_SIDE = 1024
 OVERLAY_MIN_SIDE = 512
 RED = (230, 30, 30)
 GREEN = (40, 220, 40)
 
 
-def is_dicom(path: str | os.PathLike) -> bool:
-    """A ``.dcm``/``.dicom`` suffix, or the ``DICM`` magic at byte 128."""
-    path = Path(path)
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def read_dicom_gray(path: str | os.PathLike) -> np.ndarray:
-    """A DICOM file -> uint8 (H, W): modality LUT, VOI window (or percentiles), MONOCHROME1 inverted."""
-    try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:
-        try:
-            import pydicom
-            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-        except ImportError:
-            raise ImageReadError(f"{path}: reading DICOM needs pydicom, which is not installed; "
-                                 "install it with `pip install 'gren[dicom]'` (or `pip install pydicom`)") from None
-    try:
-        ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array
-    except Exception as err:  # pydicom raises many types for bad files
-        raise ImageReadError(f"{path}: not a readable DICOM image ({type(err).__name__}: {err})") from None
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):  # colour DICOM: luma
-        pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    elif pixels.ndim != 2:
-        raise ImageReadError(f"{path}: DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
-    low, high = np.percentile(values, [0.5, 99.5]) if "WindowCenter" not in ds else (values.min(), values.max())
-    if high <= low:
-        high = low + 1.0
-    gray = np.clip((values - low) / (high - low), 0.0, 1.0)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        gray = 1.0 - gray
-    return np.rint(gray * 255.0).astype(np.uint8)
-
-
 def read_any_gray(path: str | os.PathLike) -> np.ndarray:
-    """uint8 (H, W) from a PNG / JPEG (any depth, colour -> luma) or a DICOM file."""
-    from gren.data.io import read_gray
-
+    """uint8 (H, W) from a PNG / JPEG (any depth, colour -> luma) or a DICOM file
+    (:func:`gren.data.io.read_gray`, which reads DICOM by suffix or by its ``DICM`` magic)."""
     if not Path(path).is_file():
         raise ImageReadError(f"{path}: file not found")
-    if is_dicom(path):
-        return read_dicom_gray(path)
     return read_gray(path)
 
 

@@ -8,6 +8,7 @@ broken BBox header), ``DIR/images/<id>.png`` (8-bit grayscale, S x S), ``DIR/mas
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from gren.data.labels import BOX_CLASSES, LABELS
 from gren.data.synth.plan import IMAGE_STREAM, PATIENT_STREAM, ImagePlan, csv_labels, make_plan
 from gren.data.synth.render import render_case
 from gren.errors import GrenError
+from gren.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,24 @@ def synthesize(out_dir, n: int, size: int = 256, seed: int = 0, workers: int = 1
     if workers < 1:
         raise GrenError(f"--workers must be at least 1, got {workers}")
     out = Path(out_dir)
+    try:
+        return _synthesize(out, n, size, seed, workers, preview, force, progress)
+    except OSError as err:
+        where = err.filename or out
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f"{shutil.disk_usage(out if out.is_dir() else out.parent).free / 1e6:.1f} MB free"
+            except OSError:
+                free = "free space unknown"
+            raise GrenError(f"{where}: no space left on device ({free}) while writing the synthetic dataset "
+                            f"to {out}; free some space or choose another --out (a rerun starts the folder "
+                            "over)") from err
+        raise GrenError(f"{where}: cannot write the synthetic dataset ({err.strerror or err})") from err
+
+
+def _synthesize(out: Path, n: int, size: int, seed: int, workers: int, preview: bool, force: bool,
+                progress: bool) -> dict:
+    """The body of :func:`synthesize` (its ``OSError`` s become :class:`GrenError` s there)."""
     prepare_output_dir(out, force)
     plans = make_plan(n, seed)
     manifest = out / MANIFEST_NAME
@@ -166,7 +185,7 @@ def synthesize(out_dir, n: int, size: int = 256, seed: int = 0, workers: int = 1
 
     tasks = [(str(out), size, seed, plan) for plan in plans]
     findings: list[list[dict] | None] = [None] * n
-    bar = tqdm(total=n, desc="synth", unit="img", disable=not progress or None, leave=False)
+    bar = progress_bar(total=n, desc="synth", unit="img", disable=not progress, logger=log)
     if workers == 1:
         results = map(_render_and_save, tasks)
         for index, image_findings in results:
