@@ -35,12 +35,15 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from gren.errors import GrenError
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +157,30 @@ def _resize_numpy_reference(image: np.ndarray, vertical_first: bool) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=1)
-def _int8_gemm_available() -> bool:
+def _int8_gemm_exact() -> bool:
+    """Whether ``torch._int_mm`` on this CPU returns exact int32 sums for full-range int8 operands.
+
+    Without VNNI (AVX2-only or AVX-512F-only CPUs), oneDNN's s8 x s8 GEMM multiplies with
+    ``vpmaddubsw``, whose int16 pair sums saturate: measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``, 44% of
+    the first-pass outputs of random 512-pixel rows were wrong and 50 of 64 NIH hashes differed. The
+    probe multiplies operands of the shapes the first pass uses, full-range random values plus blocks of
+    the extremes (-128, 127), and compares with an int64 product; the int8 path is used only if it is equal.
+    """
     if not hasattr(torch, "_int_mm"):
         return False
+    rng = np.random.default_rng(20240601)
+    digits = rng.integers(-128, 128, size=(24, 208), dtype=np.int8)
+    pixels = rng.integers(-128, 128, size=(208, 256), dtype=np.int8)
+    digits[:, :64], pixels[:64, :64], pixels[:64, 64:128] = 127, 127, -128
+    expected = digits.astype(np.int64) @ pixels.astype(np.int64)
     try:
-        a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
-        b = torch.tensor([[1], [2], [3]], dtype=torch.int8).expand(3, 8).contiguous()
-        if bool((torch._int_mm(a, b) == 6).all()):
-            return True
+        product = torch._int_mm(torch.from_numpy(digits), torch.from_numpy(pixels)).numpy()
+        exact = bool(np.array_equal(product.astype(np.int64), expected))
     except (RuntimeError, NotImplementedError):  # pragma: no cover - depends on the torch build
-        pass
-    logger.info("torch._int_mm is not usable on this CPU build; pHash resizes with float64 GEMMs (slower)")
-    return False
+        exact = False
+    if not exact:
+        logger.info("torch._int_mm is not exact on this CPU (no VNNI?); the int8 pHash path is disabled")
+    return exact
 
 
 def _signed_digits(weights: np.ndarray) -> np.ndarray:
@@ -229,8 +244,9 @@ _POOLS_LOCK = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    global _POOLS_LOCK
+    global _POOLS_LOCK, _CALIBRATION_LOCK
     _POOLS_LOCK = threading.Lock()  # a lock held by another thread at fork time would never be released
+    _CALIBRATION_LOCK = threading.Lock()  # (a calibration finished before the fork stays valid: same CPU)
     _POOLS.clear()  # the parent's worker threads do not exist in the child
 
 
@@ -258,13 +274,15 @@ def _cpu_pool() -> ThreadPoolExecutor:
     return _pool_of(max(1, torch.get_num_threads()))
 
 
-def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
-    """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact."""
+def _resample_rows(rows: torch.Tensor, kernel: str) -> torch.Tensor:
+    """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact.
+
+    ``kernel``: ``"int8"`` (CPU int8 GEMMs, only where :func:`_int8_gemm_exact`) or ``"float64"`` (any device).
+    """
     length = rows.shape[1]
     if length == RESIZE_SIDE:
         return rows
-    use_int8 = rows.device.type == "cpu" and _int8_gemm_available()
-    if use_int8:
+    if kernel == "int8":
         pixels = rows.contiguous().numpy()
         out = np.empty((RESIZE_SIDE, rows.shape[0]), dtype=np.uint8)  # outputs-major
         for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
@@ -328,39 +346,81 @@ def _int8_pass(pixels: np.ndarray, out: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def pillow_lanczos_resize(images: torch.Tensor) -> torch.Tensor:
+def pillow_lanczos_resize(images: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """``Image.resize((32, 32), LANCZOS)`` of a batch of same-size grayscale images, bit-exact.
 
     ``images``: uint8 (B, H, W) on any device. Returns uint8 (B, 32, 32) on the same device.
-    On CPU, sub-batches of about :data:`_ROWS_PER_TASK` rows run on :func:`_cpu_pool`'s workers.
+    ``path``: the CPU path (:func:`cpu_path`; ``None``: ``$GREN_PHASH_PATH`` or the calibrated choice);
+    other devices always take the float64 path. On CPU, sub-batches run on :func:`_cpu_pool`'s workers
+    (about :data:`_ROWS_PER_TASK` rows each for the GEMM paths).
     """
     _check_uint8_batch(images)
-    batch, height, width = images.shape
-    if batch == 0:
+    kernel = _kernel_for(images.device, path)
+    if images.shape[0] == 0:
         return images.new_zeros((0, RESIZE_SIDE, RESIZE_SIDE))
     if images.device.type != "cpu":
-        return _resize_same_size(images)
+        return _resize_same_size(images, kernel)
+    return _resize_cpu(images, kernel)
+
+
+def _resize_cpu(images: torch.Tensor, kernel: str) -> torch.Tensor:
+    """CPU body of :func:`pillow_lanczos_resize` for one named path: uint8 (B, H, W), B >= 1 -> (B, 32, 32)."""
+    if kernel == "pillow":
+        return _pillow_resize_parallel(list(images))
+    batch, height, width = images.shape
     per_task = max(1, _ROWS_PER_TASK // max(height, width))
     if batch <= per_task:
-        return _cpu_pool().submit(_resize_same_size, images).result()
-    parts = list(_cpu_pool().map(_resize_same_size, images.split(per_task)))
+        return _cpu_pool().submit(_resize_same_size, images, kernel).result()
+    parts = list(_cpu_pool().map(functools.partial(_resize_same_size, kernel=kernel), images.split(per_task)))
     return torch.cat(parts)
 
 
-def _resize_same_size(images: torch.Tensor) -> torch.Tensor:
-    """Serial body of :func:`pillow_lanczos_resize`: uint8 (B, H, W), B >= 1 -> uint8 (B, 32, 32)."""
+def _resize_same_size(images: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Serial body of :func:`pillow_lanczos_resize` for the GEMM kernels ("int8", "float64"):
+    uint8 (B, H, W), B >= 1 -> uint8 (B, 32, 32)."""
     batch, height, width = images.shape
     if vertical_first(height, width):
-        first = _resample_rows(images.transpose(1, 2).reshape(batch * width, height))  # (B*W, 32): [x, yy]
+        columns = images.transpose(1, 2).reshape(batch * width, height)
+        first = _resample_rows(columns, kernel)  # (B*W, 32): [x, yy]
         first = first.reshape(batch, width, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, width)
-        return _resample_rows(first).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).contiguous()  # [yy, xx]
-    first = _resample_rows(images.reshape(batch * height, width))  # (B*H, 32): [y, xx]
+        return _resample_rows(first, kernel).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).contiguous()  # [yy, xx]
+    first = _resample_rows(images.reshape(batch * height, width), kernel)  # (B*H, 32): [y, xx]
     first = first.reshape(batch, height, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, height)
-    return _resample_rows(first).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).transpose(1, 2).contiguous()
+    second = _resample_rows(first, kernel).reshape(batch, RESIZE_SIDE, RESIZE_SIDE)
+    return second.transpose(1, 2).contiguous()
 
 
-def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Resize images of different sizes (uint8 (h_i, w_i), one device) to uint8 (N, 32, 32).
+def _pillow_resize_serial(images: Sequence[torch.Tensor]) -> np.ndarray:
+    """Pillow's own ``Image.resize((32, 32), LANCZOS)`` of each uint8 (h_i, w_i) CPU image: (N, 32, 32).
+
+    This is the definition imagehash uses, hence exact by construction on every Pillow version.
+    """
+    from PIL import Image
+
+    out = np.empty((len(images), RESIZE_SIDE, RESIZE_SIDE), dtype=np.uint8)
+    for index, image in enumerate(images):
+        thumbnail = Image.fromarray(np.ascontiguousarray(image.numpy())).resize(
+            (RESIZE_SIDE, RESIZE_SIDE), Image.Resampling.LANCZOS
+        )
+        out[index] = np.asarray(thumbnail)
+    return out
+
+
+def _pillow_resize_parallel(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`_pillow_resize_serial` split over :func:`_cpu_pool` (Pillow releases the GIL while it
+    resamples): uint8 (h_i, w_i) CPU images -> uint8 (N, 32, 32)."""
+    if not images:
+        return torch.zeros((0, RESIZE_SIDE, RESIZE_SIDE), dtype=torch.uint8)
+    workers = max(1, torch.get_num_threads())
+    share = max(8, -(-len(images) // workers))
+    parts = [images[start : start + share] for start in range(0, len(images), share)]
+    if len(parts) == 1:
+        return torch.from_numpy(_pillow_resize_serial(parts[0]))
+    return torch.from_numpy(np.concatenate(list(_cpu_pool().map(_pillow_resize_serial, parts))))
+
+
+def _resize_varied(images: Sequence[torch.Tensor], kernel: str) -> torch.Tensor:
+    """Resize images of different sizes (uint8 (h_i, w_i), one device) to uint8 (N, 32, 32), GEMM kernels.
 
     Pass inputs of equal length share one GEMM: first passes are grouped by the resampled length, the
     second passes by the first pass's row count, so crops of many sizes still hash in few large calls.
@@ -375,7 +435,7 @@ def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
         by_length[int(rows.shape[1])].append(index)
     for members in by_length.values():
         stacked = torch.cat([first_inputs[i].reshape(-1, first_inputs[i].shape[1]) for i in members])
-        resampled = _resample_rows(stacked)
+        resampled = _resample_rows(stacked, kernel)
         offset = 0
         for i in members:
             n_rows = int(first_inputs[i].shape[0])
@@ -389,11 +449,126 @@ def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
         by_rows[int(out.shape[0])].append(index)
     for n_rows, members in by_rows.items():
         stacked = torch.stack([first_outputs[i].t() for i in members]).reshape(-1, n_rows)
-        second = _resample_rows(stacked).view(len(members), RESIZE_SIDE, RESIZE_SIDE)
+        second = _resample_rows(stacked, kernel).view(len(members), RESIZE_SIDE, RESIZE_SIDE)
         for slot, i in enumerate(members):
             # horizontal-first: second pass output is [xx, yy]; vertical-first: [yy, xx]
             result[i] = second[slot] if orders[i] else second[slot].t()
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the CPU path at run time
+# --------------------------------------------------------------------------------------------
+
+CPU_PATHS = ("int8", "pillow", "float64")
+"""The exact CPU resize paths: int8 GEMMs (fast with VNNI), Pillow's own resize per image, float64 GEMMs."""
+PHASH_PATH_ENV = "GREN_PHASH_PATH"
+"""Environment variable overriding the CPU path: one of :data:`CPU_PATHS` or ``auto`` (the default)."""
+_AUTO_CANDIDATES = ("int8", "pillow")  # float64 measured slower than Pillow on both CPUs it was tried on
+_CALIBRATION_IMAGES = 16
+_CALIBRATION_SIDE = 512  # the NIH sample's size; lung crops are ~150-300 px
+_CALIBRATION_REPEATS = 3
+
+
+class PhashPathError(GrenError, ValueError):
+    """An unknown or unusable pHash CPU path (argument or ``$GREN_PHASH_PATH``)."""
+
+
+def cpu_path(path: str | None = None) -> str:
+    """The CPU path a :func:`phash` call with this ``path`` argument uses: one of :data:`CPU_PATHS`.
+
+    Precedence: the ``path`` argument, else ``$GREN_PHASH_PATH``, else ``"auto"``. ``"auto"`` is
+    :func:`calibrate`'s choice (measured once per process). An explicit ``"int8"`` on a CPU whose int8
+    GEMMs are not exact (:func:`_int8_gemm_exact`) raises :class:`PhashPathError` rather than return
+    wrong bits.
+    """
+    source = "argument"
+    if path is None:
+        path, source = os.environ.get(PHASH_PATH_ENV, "auto"), f"${PHASH_PATH_ENV}"
+    choice = str(path).strip().lower()
+    if choice == "auto":
+        return calibrate()["choice"]
+    if choice not in CPU_PATHS:
+        raise PhashPathError(
+            f"pHash path {path!r} (from the {source}) is not one of: auto, {', '.join(CPU_PATHS)}"
+        )
+    if choice == "int8" and not _int8_gemm_exact():
+        raise PhashPathError(
+            f"pHash path 'int8' (from the {source}) is not exact on this CPU: its int8 GEMMs saturate "
+            "(no VNNI); use 'auto', 'pillow' or 'float64'"
+        )
+    return choice
+
+
+def _kernel_for(device: torch.device, path: str | None) -> str:
+    """The resize kernel for images on ``device``: the CPU path, or ``"float64"`` off the CPU."""
+    if device.type == "cpu":
+        return cpu_path(path)
+    if path is not None and str(path).strip().lower() not in ("auto", "float64"):
+        raise PhashPathError(f"pHash path {path!r} is a CPU path; images on {device} take the float64 path")
+    return "float64"
+
+
+def _calibration_batch() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Deterministic full-range noise: uint8 (16, 512, 512) for timing and checking, plus odd-size images
+    (both pass orders, upsampling) for checking only. Noise is what makes saturating int8 GEMMs fail."""
+    rng = np.random.default_rng(16)
+    side, count = _CALIBRATION_SIDE, _CALIBRATION_IMAGES
+    batch = torch.from_numpy(rng.integers(0, 256, size=(count, side, side), dtype=np.uint8))
+    odd = [torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8))
+           for shape in ((37, 91), (300, 120), (130, 47), (20, 17), (257, 513))]  # fmt: skip
+    return batch, odd
+
+
+_CALIBRATION: dict | None = None
+_CALIBRATION_LOCK = threading.Lock()
+
+
+def calibrate(force: bool = False) -> dict:
+    """Time the candidate CPU paths once per process and pick the fastest exact one.
+
+    Candidates: ``"pillow"`` (Pillow's own resize: exact by definition, the reference) and ``"int8"``
+    where :func:`_int8_gemm_exact`. Each candidate resizes :func:`_calibration_batch` (16 noise images
+    of 512 x 512, through the same worker pool as real calls; best of 3 timed runs after a warm-up) and
+    its thumbnails, odd sizes included, must equal Pillow's; a candidate that differs is dropped with a
+    warning. Takes ~0.1-0.5 s. Returns ``{"choice": path, "images_per_s": {path: rate}, "exact": {path:
+    bool}, "int8_gemm_exact": bool}``; cached (``force=True`` measures again).
+    """
+    global _CALIBRATION
+    with _CALIBRATION_LOCK:
+        if _CALIBRATION is not None and not force:
+            return _CALIBRATION
+        batch, odd = _calibration_batch()
+        reference = _pillow_resize_parallel(list(batch))
+        reference_odd = _pillow_resize_parallel(odd)
+        int8_ok = _int8_gemm_exact()
+        rates: dict[str, float] = {}
+        exact: dict[str, bool] = {}
+        for candidate in _AUTO_CANDIDATES:
+            if candidate == "int8" and not int8_ok:
+                exact[candidate] = False
+                continue
+            thumbnails = _resize_cpu(batch, candidate)  # warm-up: coefficient caches, pool threads
+            exact[candidate] = bool(torch.equal(thumbnails, reference)) and all(
+                torch.equal(_resize_cpu(image[None], candidate)[0], expected)
+                for image, expected in zip(odd, reference_odd)
+            )
+            if not exact[candidate]:
+                logger.warning("pHash path %r differs from Pillow's resize on this machine; not used", candidate)
+                continue
+            best = math.inf
+            for _ in range(_CALIBRATION_REPEATS):
+                start = time.perf_counter()
+                _resize_cpu(batch, candidate)
+                best = min(best, time.perf_counter() - start)
+            rates[candidate] = len(batch) / best
+        choice = max(rates, key=rates.get)
+        logger.info(
+            "pHash CPU path: %s (calibration, %d images of %d px: %s)", choice, len(batch), _CALIBRATION_SIDE,
+            ", ".join(f"{name} {rate:.0f} images/s" for name, rate in rates.items()),
+        )
+        _CALIBRATION = {"choice": choice, "images_per_s": rates, "exact": exact, "int8_gemm_exact": int8_ok}
+        return _CALIBRATION
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,10 +648,10 @@ def _to_gray_tensor(item) -> torch.Tensor:
     return tensor
 
 
-def resize32(x) -> torch.Tensor:
+def resize32(x, path: str | None = None) -> torch.Tensor:
     """The exact 32 x 32 LANCZOS thumbnails pHash is taken on: uint8 (B, 32, 32).
 
-    ``x`` as for :func:`phash`. Device follows a tensor input; CPU otherwise.
+    ``x`` and ``path`` as for :func:`phash`. Device follows a tensor input; CPU otherwise.
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -484,36 +659,40 @@ def resize32(x) -> torch.Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(0)
         _check_uint8_batch(x)
-        return pillow_lanczos_resize(x)
+        return pillow_lanczos_resize(x, path)
     items = [_to_gray_tensor(item) for item in x]
     if not items:
+        _kernel_for(torch.device("cpu"), path)  # a bad path is reported even for an empty list
         return torch.zeros((0, RESIZE_SIDE, RESIZE_SIDE), dtype=torch.uint8)
     devices = {item.device for item in items}
     if len(devices) > 1:
         raise ValueError(f"all images must be on one device, got {sorted(str(d) for d in devices)}")
     shapes = {tuple(item.shape) for item in items}
     if len(shapes) == 1:
-        return pillow_lanczos_resize(torch.stack(items))
+        return pillow_lanczos_resize(torch.stack(items), path)
+    kernel = _kernel_for(items[0].device, path)
     if items[0].device.type != "cpu":
-        return _resize_varied(items)
+        return _resize_varied(items, kernel)
+    if kernel == "pillow":
+        return _pillow_resize_parallel(items)
     workers = max(1, torch.get_num_threads())
     share = -(-len(items) // workers)
     parts = [items[start : start + share] for start in range(0, len(items), share)]
-    return torch.cat(list(_cpu_pool().map(_resize_varied, parts)))
+    return torch.cat(list(_cpu_pool().map(functools.partial(_resize_varied, kernel=kernel), parts)))
 
 
-def phash_with_margin(x) -> tuple[torch.Tensor, torch.Tensor]:
+def phash_with_margin(x, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`phash` plus, per image, the distance (DCT units) of the nearest low coefficient to the median.
 
     A margin below :data:`TIE_MARGIN` means the bits of tied coefficients are floating-point noise
     (flat or striped images); imagehash's output is then arbitrary too.
-    Returns (bool (B, 64), float64 (B,)), on the input's device.
+    Returns (bool (B, 64), float64 (B,)), on the input's device. ``path`` as for :func:`phash`.
     """
-    thumbnails = resize32(x)
+    thumbnails = resize32(x, path)
     return _bits_from_low(_low_dct(thumbnails))
 
 
-def phash(x) -> torch.Tensor:
+def phash(x, path: str | None = None) -> torch.Tensor:
     """Perceptual hashes of a batch of images, bit-exact with ``imagehash.phash`` (hash_size 8).
 
     ``x``: a uint8 tensor or numpy array (B, H, W) (or (H, W) for one image) of grayscale pixels, or a
@@ -521,8 +700,12 @@ def phash(x) -> torch.Tensor:
     depth as :func:`gren.data.io.pil_to_gray` does) and / or uint8 (H, W) arrays or tensors of any sizes.
     Returns a bool tensor (B, 64) in imagehash's bit order (row-major over the 8 x 8 low block,
     bit = coefficient > median), on the input tensor's device (CPU for arrays and PIL images).
+
+    ``path``: how the CPU resizes, one of :data:`CPU_PATHS` or ``"auto"`` (see :func:`cpu_path`);
+    ``None`` reads ``$GREN_PHASH_PATH`` (default ``auto``: the faster exact path, measured once per
+    process). Every path returns the same bits. Inputs on other devices (CUDA) take the float64 path.
     """
-    return phash_with_margin(x)[0]
+    return phash_with_margin(x, path)[0]
 
 
 def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
