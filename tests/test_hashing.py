@@ -70,8 +70,8 @@ def reference_margin(image: Image.Image | np.ndarray) -> float:
 
 
 def usable(path: str) -> bool:
-    """Whether ``path`` may run on this CPU (int8 needs exact int8 GEMMs; see test_int8_path_*)."""
-    return path != "int8" or hashing._int8_gemm_exact()
+    """Whether ``path`` may run on this CPU (the int8 paths need exact int8 GEMMs; see test_int8_*)."""
+    return hashing.path_usable(path)
 
 
 SIZES = [
@@ -97,6 +97,34 @@ def test_resize_and_hash_match_pillow_and_imagehash(height, width, path):
             continue
         assert reference_margin(pixels) > MIN_REFERENCE_MARGIN  # the generator's images are never flat
         assert to_hex(phash(pixels, path=path)[0]) == reference_hex(pixels)
+
+
+NOISE_SIZES = [(512, 512), (97, 301), (301, 97), (3, 5000), (5000, 3), (40, 2100), (2, 12000)]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize(("height", "width"), NOISE_SIZES)
+def test_resize_of_full_range_noise_matches_pillow(height, width, path):
+    """Full-range noise: the worst case for the int8 paths' partial sums (saturation, int32 bounds)."""
+    if not usable(path):
+        return  # refusal asserted in test_resize_and_hash_match_pillow_and_imagehash
+    rng = np.random.default_rng(height + 7 * width)
+    pixels = rng.integers(0, 256, size=(2, height, width), dtype=np.uint8)
+    pixels[1, :, ::2] = 255  # extremes side by side
+    pixels[1, :, 1::2] = 0
+    expected = np.stack([np.asarray(Image.fromarray(p).resize((32, 32), Image.Resampling.LANCZOS)) for p in pixels])
+    assert np.array_equal(resize32(pixels, path=path).numpy(), expected)
+
+
+def test_int8_7bit_bands_stay_within_the_int32_bound():
+    assert hashing._int8_7bit_bands(12000) == ()  # one window alone is too deep: float64 takes that pass
+    for length in (33, 128, 512, 1024, 2100, 5000, 7000):
+        bands = hashing._int8_7bit_bands(length)
+        assert max(last - first + pad for first, last, _, _, pad, *_ in bands) <= hashing._INT32_SAFE_DEPTH
+        assert [band[2] for band in bands] == sorted(band[2] for band in bands)
+        assert sum(band[3] - band[2] for band in bands) == 32
+        for band in bands:
+            assert int(band[5].abs().max()) <= 64 and band[6] in (3, 4)
 
 
 def test_phash_with_margin_agrees_with_the_reference_margin():
@@ -223,8 +251,9 @@ def test_calibration_picks_the_fastest_exact_path():
     rates = result["images_per_s"]
     assert rates and all(rate > 0 for rate in rates.values())
     assert result["choice"] == max(rates, key=rates.get)
-    assert "pillow" in rates  # the reference path is always a candidate
-    assert ("int8" in rates) == hashing._int8_gemm_exact()
+    assert {"pillow", "float64"} <= set(rates)  # always candidates (and always exact)
+    for path in CPU_PATHS:
+        assert (path in rates) == hashing.path_usable(path) == result["usable"][path]
     assert calibrate() is result  # measured once per process
 
 
@@ -280,15 +309,19 @@ def test_calibration_drops_a_path_that_is_not_exact(monkeypatch):
     result = calibrate()
     assert result["exact"]["int8"] is False
     assert "int8" not in result["images_per_s"]
-    assert result["choice"] == "pillow"
+    assert result["choice"] != "int8" and result["choice"] in result["images_per_s"]
 
 
-def test_int8_path_refused_where_int8_gemms_are_not_exact(monkeypatch):
+def test_int8_paths_refused_where_int8_gemms_are_not_exact(monkeypatch):
     monkeypatch.setattr(hashing, "_CALIBRATION", None)
     monkeypatch.setattr(hashing, "_int8_gemm_exact", lambda: False)
     with pytest.raises(PhashPathError, match="not exact on this CPU"):
         cpu_path("int8")
-    assert calibrate()["choice"] == "pillow"
+    assert calibrate()["choice"] != "int8"
+    monkeypatch.setattr(hashing, "_int8_7bit_gemm_exact", lambda: False)
+    with pytest.raises(PhashPathError, match="not exact on this CPU"):
+        cpu_path("int8_7bit")
+    assert calibrate(force=True)["choice"] in ("pillow", "float64")
 
 
 PROBE_SCRIPT = textwrap.dedent(
@@ -301,26 +334,32 @@ PROBE_SCRIPT = textwrap.dedent(
     expected = np.clip((rows.astype(np.int64) @ weights.T + h._ROUNDING) >> 22, 0, 255)
     out = np.empty((32, len(rows)), dtype=np.uint8)
     h._int8_pass(rows, out)
-    print(int(h._int8_gemm_exact()), int(np.array_equal(out.T, expected)), h.cpu_path())
+    out7 = np.empty((32, len(rows)), dtype=np.uint8)
+    h._int8_7bit_pass(rows, out7)
+    print(int(h._int8_gemm_exact()), int(np.array_equal(out.T, expected)),
+          int(h._int8_7bit_gemm_exact()), int(np.array_equal(out7.T, expected)), h.cpu_path())
     """
 )
 
 
 @pytest.mark.parametrize("isa", [None, "AVX2"])
 def test_int8_probe_tells_whether_the_int8_pass_is_exact(isa):
-    """The probe must agree with the int8 pass itself. ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN use its
-    non-VNNI kernels, whose int16 intermediate sums saturate: the probe must then say no and the
-    automatic choice must not be int8."""
+    """Each probe must agree with its int8 pass. ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN use its
+    non-VNNI kernels, whose int16 pair sums saturate full-range operands: there the int8 probe must say
+    no and the automatic choice must not be int8 (on this Xeon the 7-bit path stays exact)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop(PHASH_PATH_ENV, None)
     if isa:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=120, check=True)  # fmt: skip
-    probe, really_exact, chosen = done.stdout.split()
+    probe, really_exact, probe_7bit, really_exact_7bit, chosen = done.stdout.split()
     assert probe == really_exact
+    assert probe_7bit == really_exact_7bit
     if probe == "0":
         assert chosen != "int8"
+    if probe_7bit == "0":
+        assert chosen != "int8_7bit"
 
 
 def test_hex_round_trip_and_known_hamming():

@@ -156,30 +156,50 @@ def _resize_numpy_reference(image: np.ndarray, vertical_first: bool) -> np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _int8_gemm_exact() -> bool:
-    """Whether ``torch._int_mm`` on this CPU returns exact int32 sums for full-range int8 operands.
-
-    Without VNNI (AVX2-only or AVX-512F-only CPUs), oneDNN's s8 x s8 GEMM multiplies with
-    ``vpmaddubsw``, whose int16 pair sums saturate: measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``, 44% of
-    the first-pass outputs of random 512-pixel rows were wrong and 50 of 64 NIH hashes differed. The
-    probe multiplies operands of the shapes the first pass uses, full-range random values plus blocks of
-    the extremes (-128, 127), and compares with an int64 product; the int8 path is used only if it is equal.
-    """
+def _int_mm_exact(rows: int, depth: int, cols: int, second_low: int, second_high: int) -> bool:
+    """Whether ``torch._int_mm`` of a full-range int8 (rows, depth) by an int8 (depth, cols) whose values lie
+    in ``second_low .. second_high`` equals the int64 product: random values plus blocks of the extremes."""
     if not hasattr(torch, "_int_mm"):
         return False
     rng = np.random.default_rng(20240601)
-    digits = rng.integers(-128, 128, size=(24, 208), dtype=np.int8)
-    pixels = rng.integers(-128, 128, size=(208, 256), dtype=np.int8)
-    digits[:, :64], pixels[:64, :64], pixels[:64, 64:128] = 127, 127, -128
-    expected = digits.astype(np.int64) @ pixels.astype(np.int64)
+    first = rng.integers(-128, 128, size=(rows, depth), dtype=np.int8)
+    second = rng.integers(second_low, second_high + 1, size=(depth, cols), dtype=np.int8)
+    first[:, :64], first[: rows // 2, 64:128] = 127, -128
+    second[:64, : cols // 2], second[:64, cols // 2 :], second[64:128] = second_high, second_low, second_high
+    expected = first.astype(np.int64) @ second.astype(np.int64)
     try:
-        product = torch._int_mm(torch.from_numpy(digits), torch.from_numpy(pixels)).numpy()
-        exact = bool(np.array_equal(product.astype(np.int64), expected))
+        product = torch._int_mm(torch.from_numpy(first), torch.from_numpy(second)).numpy()
     except (RuntimeError, NotImplementedError):  # pragma: no cover - depends on the torch build
-        exact = False
+        return False
+    return bool(np.array_equal(product.astype(np.int64), expected))
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_gemm_exact() -> bool:
+    """Whether the ``"int8"`` path's GEMMs (two full-range int8 operands) are exact on this CPU.
+
+    Without VNNI (AVX2-only or AVX-512F-only CPUs), oneDNN's s8 x s8 GEMM multiplies with
+    ``vpmaddubsw``, whose int16 pair sums saturate: measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``, 44% of
+    the first-pass outputs of random 512-pixel rows were wrong and 82 of 100 NIH hashes differed. The
+    probe multiplies operands of the shapes the first pass uses and compares with an int64 product.
+    """
+    exact = _int_mm_exact(24, 208, 256, -128, 127)
     if not exact:
-        logger.info("torch._int_mm is not exact on this CPU (no VNNI?); the int8 pHash path is disabled")
+        logger.info("torch._int_mm saturates full-range int8 operands on this CPU (no VNNI?): no 'int8' path")
+    return exact
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_7bit_gemm_exact() -> bool:
+    """Whether the ``"int8_7bit"`` path's GEMMs (full-range pixels by weight digits in -64..63) are exact.
+
+    oneDNN's non-VNNI kernels add 128 to the first operand (u8) and pair-sum ``u8 x s8`` products in
+    int16: with the second operand within -64..63 the pair sums stay below 2 * 255 * 64 = 32640 < 2**15,
+    so nothing saturates (measured exact with ``ONEDNN_MAX_CPU_ISA=AVX2`` and natively with VNNI).
+    """
+    exact = _int_mm_exact(256, 208, 24, -64, 63)
+    if not exact:
+        logger.info("torch._int_mm is not exact even with 7-bit weights on this CPU: no 'int8_7bit' path")
     return exact
 
 
@@ -277,11 +297,21 @@ def _cpu_pool() -> ThreadPoolExecutor:
 def _resample_rows(rows: torch.Tensor, kernel: str) -> torch.Tensor:
     """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact.
 
-    ``kernel``: ``"int8"`` (CPU int8 GEMMs, only where :func:`_int8_gemm_exact`) or ``"float64"`` (any device).
+    ``kernel``: ``"int8"`` (CPU int8 GEMMs, only where :func:`_int8_gemm_exact`), ``"int8_7bit"`` (CPU,
+    where :func:`_int8_7bit_gemm_exact`) or ``"float64"`` (any device).
     """
     length = rows.shape[1]
     if length == RESIZE_SIDE:
         return rows
+    if kernel == "int8_7bit" and not _int8_7bit_bands(length):
+        kernel = "float64"  # a window wider than the int32 bound: exact in float64
+    if kernel == "int8_7bit":
+        pixels = rows.contiguous().numpy()
+        out = np.empty((RESIZE_SIDE, rows.shape[0]), dtype=np.uint8)  # outputs-major
+        for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
+            stop = start + _ROWS_PER_GEMM
+            _int8_7bit_pass(pixels[start:stop], out[:, start:stop])
+        return torch.from_numpy(out).t()  # (R, 32) view
     if kernel == "int8":
         pixels = rows.contiguous().numpy()
         out = np.empty((RESIZE_SIDE, rows.shape[0]), dtype=np.uint8)  # outputs-major
@@ -339,6 +369,97 @@ def _int8_pass(pixels: np.ndarray, out: np.ndarray) -> None:
         high >>= 6
         np.clip(high, 0, 255, out=high)
         out[out_first:out_last] = high
+
+
+_INT32_SAFE_DEPTH = 1400  # 8192 * 129 * depth + 2**29.1 < 2**31: the 7-bit combine stays in int32
+
+
+def _base128_digits(weights: np.ndarray) -> list[np.ndarray]:
+    """int64 (n, w) weights -> 3 or 4 signed base-128 digits (n, w) each in -64..63, least significant first."""
+    digits = []
+    rest = weights.copy()
+    while len(digits) < 3 or rest.any():
+        digit = ((rest + 64) % 128) - 64
+        digits.append(digit)
+        rest = (rest - digit) // 128
+    if len(digits) > 4:  # pragma: no cover - |w| <= 2**22 always fits four digits
+        raise AssertionError("Lanczos coefficient does not fit four base-128 digits")
+    return digits
+
+
+@functools.lru_cache(maxsize=4096)
+def _int8_7bit_bands(in_size: int) -> tuple[tuple[int, int, int, int, int, torch.Tensor, int, np.ndarray], ...]:
+    """The GEMM operands of one ``"int8_7bit"`` pass, in bands of outputs as :func:`_int8_bands`.
+
+    Per band: (first input column, last + 1, first output, last + 1, zero columns to pad the input with,
+    int8 (w, d n) digits matrix [digit 0 of the n outputs | digit 1 | ...], d (3 or 4), int32 (n,) bias
+    ``128 sum_i w_i + 2**21``). Bands are narrowed (more groups of outputs) until each reads at most
+    :data:`_INT32_SAFE_DEPTH` input columns; where even one output's window is wider (inputs longer than
+    ~7,400 pixels) the result is empty and :func:`_resample_rows` runs that pass in float64 instead.
+    """
+    weights = lanczos_coefficients(in_size)  # (32, in_size)
+    for groups in ((4, 8, 16, 32) if in_size >= 4 * RESIZE_SIDE else (1, 4, 8, 16, 32)):
+        per_group = RESIZE_SIDE // groups
+        windows = []
+        for group in range(groups):
+            used = np.flatnonzero(weights[group * per_group : (group + 1) * per_group].any(axis=0))
+            windows.append((int(used[0]), int(used[-1]) + 1))
+        if max(last - first for first, last in windows) <= _INT32_SAFE_DEPTH:
+            break
+    else:
+        return ()
+    bands = []
+    for group, (first, last) in enumerate(windows):
+        rows = weights[group * per_group : (group + 1) * per_group]
+        if last - first < _MIN_GEMM_DEPTH:
+            first = max(0, min(first, in_size - _MIN_GEMM_DEPTH))
+            last = min(in_size, first + _MIN_GEMM_DEPTH)
+        pad = max(0, _MIN_GEMM_DEPTH - (last - first))
+        digits = _base128_digits(np.pad(rows[:, first:last], ((0, 0), (0, pad))))
+        matrix = np.ascontiguousarray(np.concatenate(digits, axis=0).T.astype(np.int8))
+        bias = (128 * rows.sum(axis=1) + _ROUNDING).astype(np.int32)
+        bands.append((first, last, group * per_group, (group + 1) * per_group, pad, torch.from_numpy(matrix),
+                      len(digits), bias))  # fmt: skip
+    return tuple(bands)
+
+
+def _int8_7bit_pass(pixels: np.ndarray, out: np.ndarray) -> None:
+    """CPU pass via int8 GEMMs that do not saturate without VNNI: uint8 (R, L) contiguous -> ``out`` uint8 (32, R).
+
+    Pixels are shifted to ``q = p - 128`` (int8, the GEMM's first operand); the weights are split into
+    signed base-128 digits ``w = d_0 + 128 d_1 + 128**2 d_2 (+ 128**3 d_3)`` in -64..63 (the second
+    operand, see :func:`_int8_7bit_gemm_exact`). The GEMM gives ``P_j = sum_i q_i d_j[i]`` (|P_j| <=
+    8192 * depth); Pillow's ``(sum_i p_i w_i + 2**21) >> 22`` is ``(t + 2**14 v) >> 22`` with
+    ``t = P_0 + 128 P_1 + bias``, ``v = P_2 + 128 P_3`` and ``bias = 128 sum_i w_i + 2**21``, which is
+    ``((t >> 14) + v) >> 8``: every term fits int32 for bands of at most :data:`_INT32_SAFE_DEPTH` columns.
+    The GEMM reads the band in place (row stride L); its (R, d n) result is transposed once so the
+    elementwise steps run on contiguous rows of R values.
+    """
+    n_rows, length = pixels.shape
+    if pixels.size % 8 == 0:
+        shifted = np.bitwise_xor(pixels.reshape(-1).view(np.uint64), _SIGN_FLIP_8X)
+    else:
+        shifted = np.bitwise_xor(pixels, np.uint8(128))
+    shifted = shifted.view(np.int8).reshape(n_rows, length)
+    for first, last, out_first, out_last, pad, matrix, n_digits, bias in _int8_7bit_bands(length):
+        band = shifted[:, first:last]
+        if pad:
+            band = np.pad(band, ((0, 0), (0, pad)))
+        partial = np.ascontiguousarray(torch._int_mm(torch.from_numpy(band), matrix).numpy().T)  # (d n, R)
+        n = out_last - out_first
+        total = partial[n : 2 * n]
+        total *= 128
+        total += partial[:n]
+        total += bias[:, None]
+        total >>= 14
+        total += partial[2 * n : 3 * n]
+        if n_digits == 4:
+            high = partial[3 * n :]
+            high *= 128
+            total += high
+        total >>= 8
+        np.clip(total, 0, 255, out=total)
+        out[out_first:out_last] = total
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,11 +581,19 @@ def _resize_varied(images: Sequence[torch.Tensor], kernel: str) -> torch.Tensor:
 # Choosing the CPU path at run time
 # --------------------------------------------------------------------------------------------
 
-CPU_PATHS = ("int8", "pillow", "float64")
-"""The exact CPU resize paths: int8 GEMMs (fast with VNNI), Pillow's own resize per image, float64 GEMMs."""
+CPU_PATHS = ("int8", "int8_7bit", "pillow", "float64")
+"""The exact CPU resize paths: int8 GEMMs (VNNI only), int8 GEMMs with 7-bit weight digits (exact without
+VNNI too), Pillow's own resize per image, float64 GEMMs."""
+_PROBES = {"int8": "_int8_gemm_exact", "int8_7bit": "_int8_7bit_gemm_exact"}  # paths usable only where exact
+
+
+def path_usable(path: str) -> bool:
+    """Whether the CPU path ``path`` (one of :data:`CPU_PATHS`) is exact on this CPU (int8 GEMMs vary)."""
+    probe = _PROBES.get(path)
+    return probe is None or globals()[probe]()
 PHASH_PATH_ENV = "GREN_PHASH_PATH"
 """Environment variable overriding the CPU path: one of :data:`CPU_PATHS` or ``auto`` (the default)."""
-_AUTO_CANDIDATES = ("int8", "pillow")  # float64 measured slower than Pillow on both CPUs it was tried on
+_AUTO_CANDIDATES = CPU_PATHS
 _CALIBRATION_IMAGES = 16
 _CALIBRATION_SIDE = 512  # the NIH sample's size; lung crops are ~150-300 px
 _CALIBRATION_REPEATS = 3
@@ -492,10 +621,10 @@ def cpu_path(path: str | None = None) -> str:
         raise PhashPathError(
             f"pHash path {path!r} (from the {source}) is not one of: auto, {', '.join(CPU_PATHS)}"
         )
-    if choice == "int8" and not _int8_gemm_exact():
+    if not path_usable(choice):
         raise PhashPathError(
-            f"pHash path 'int8' (from the {source}) is not exact on this CPU: its int8 GEMMs saturate "
-            "(no VNNI); use 'auto', 'pillow' or 'float64'"
+            f"pHash path {choice!r} (from the {source}) is not exact on this CPU: its int8 GEMMs saturate "
+            "(no VNNI); use 'auto', 'int8_7bit', 'pillow' or 'float64'"
         )
     return choice
 
@@ -527,12 +656,12 @@ _CALIBRATION_LOCK = threading.Lock()
 def calibrate(force: bool = False) -> dict:
     """Time the candidate CPU paths once per process and pick the fastest exact one.
 
-    Candidates: ``"pillow"`` (Pillow's own resize: exact by definition, the reference) and ``"int8"``
-    where :func:`_int8_gemm_exact`. Each candidate resizes :func:`_calibration_batch` (16 noise images
+    Candidates: ``"pillow"`` (Pillow's own resize: exact by definition, the reference), ``"float64"``,
+    and the int8 paths where their GEMMs are exact (:func:`path_usable`). Each candidate resizes :func:`_calibration_batch` (16 noise images
     of 512 x 512, through the same worker pool as real calls; best of 3 timed runs after a warm-up) and
     its thumbnails, odd sizes included, must equal Pillow's; a candidate that differs is dropped with a
-    warning. Takes ~0.1-0.5 s. Returns ``{"choice": path, "images_per_s": {path: rate}, "exact": {path:
-    bool}, "int8_gemm_exact": bool}``; cached (``force=True`` measures again).
+    warning. Takes ~0.2-0.5 s. Returns ``{"choice": path, "images_per_s": {path: rate}, "exact": {path:
+    bool}, "usable": {path: bool}}``; cached (``force=True`` measures again).
     """
     global _CALIBRATION
     with _CALIBRATION_LOCK:
@@ -541,11 +670,11 @@ def calibrate(force: bool = False) -> dict:
         batch, odd = _calibration_batch()
         reference = _pillow_resize_parallel(list(batch))
         reference_odd = _pillow_resize_parallel(odd)
-        int8_ok = _int8_gemm_exact()
         rates: dict[str, float] = {}
         exact: dict[str, bool] = {}
+        usable = {candidate: path_usable(candidate) for candidate in _AUTO_CANDIDATES}
         for candidate in _AUTO_CANDIDATES:
-            if candidate == "int8" and not int8_ok:
+            if not usable[candidate]:
                 exact[candidate] = False
                 continue
             thumbnails = _resize_cpu(batch, candidate)  # warm-up: coefficient caches, pool threads
@@ -567,7 +696,7 @@ def calibrate(force: bool = False) -> dict:
             "pHash CPU path: %s (calibration, %d images of %d px: %s)", choice, len(batch), _CALIBRATION_SIDE,
             ", ".join(f"{name} {rate:.0f} images/s" for name, rate in rates.items()),
         )
-        _CALIBRATION = {"choice": choice, "images_per_s": rates, "exact": exact, "int8_gemm_exact": int8_ok}
+        _CALIBRATION = {"choice": choice, "images_per_s": rates, "exact": exact, "usable": usable}
         return _CALIBRATION
 
 
