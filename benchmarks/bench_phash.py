@@ -2,7 +2,7 @@
 exactness and speed, side by side in one run, with the machine named.
 
 Paths (``gren.hashing.CPU_PATHS``): ``int8`` (int8 GEMMs; exact only where the CPU has VNNI, refused
-elsewhere), ``pillow`` (Pillow's own resize per image + one batched scipy DCT), ``float64`` (float64
+elsewhere), ``int8_7bit`` (int8 GEMMs with 7-bit weight digits: exact without VNNI too), ``pillow`` (Pillow's own resize per image + one batched scipy DCT), ``float64`` (float64
 GEMMs, the CUDA path run on the CPU), and ``auto`` (what ``phash`` uses by default: the calibrated
 choice, ``gren.hashing.calibrate``).
 
@@ -97,14 +97,18 @@ def reference(image: Image.Image) -> tuple[str, float]:
     return str(imagehash.phash(image)), float(np.abs(low - np.median(low)).min())
 
 
+def refused(path: str) -> bool:
+    return path in CPU_PATHS and not hashing.path_usable(path)
+
+
 def hashes_with(path: str, x) -> list[str]:
     """Hex digests through one path; an int8 path the CPU refuses runs through the internals."""
-    if path == "int8" and not hashing._int8_gemm_exact():
+    if refused(path):
         if isinstance(x, torch.Tensor):
-            thumbnails = hashing._resize_cpu(x, "int8")
+            thumbnails = hashing._resize_cpu(x, path)
         else:
             items = [hashing._to_gray_tensor(item) for item in x]
-            thumbnails = torch.cat([hashing._resize_varied([item], "int8") for item in items])
+            thumbnails = torch.cat([hashing._resize_varied([item], path) for item in items])
         return to_hex(hashing._bits_from_low(hashing._low_dct(thumbnails))[0])
     return to_hex(phash(x, path=path))
 
@@ -143,8 +147,8 @@ def exactness(images: list[Image.Image], arrays: np.ndarray, originals: list[Ima
 
 
 def path_rate(tensor: torch.Tensor, path: str) -> float:
-    if path == "int8" and not hashing._int8_gemm_exact():
-        run = lambda batch: hashing._bits_from_low(hashing._low_dct(hashing._resize_cpu(batch, "int8")))  # noqa: E731
+    if refused(path):
+        run = lambda batch: hashing._bits_from_low(hashing._low_dct(hashing._resize_cpu(batch, path)))  # noqa: E731
     else:
         run = lambda batch: phash(batch, path=path)  # noqa: E731
     start = time.perf_counter()
@@ -173,7 +177,7 @@ def lung_rates(arrays: np.ndarray) -> dict[str, float]:
     rates = {}
     saved = os.environ.get(PHASH_PATH_ENV)
     try:
-        for path in (*[p for p in CPU_PATHS if p != "int8" or hashing._int8_gemm_exact()], "auto"):
+        for path in (*[p for p in CPU_PATHS if not refused(p)], "auto"):
             os.environ[PHASH_PATH_ENV] = path
             lung_hashes(arrays, masks)  # warm the coefficient cache for these sizes
             start = time.perf_counter()
@@ -229,6 +233,7 @@ def speed(images: list[Image.Image], arrays: np.ndarray, rounds: int, per_round:
 
 LABELS = {
     "int8": "int8 GEMMs",
+    "int8_7bit": "int8 GEMMs, 7-bit weight digits",
     "pillow": "Pillow resize per image + batched DCT",
     "float64": "float64 GEMMs",
     "auto": "auto (calibrated choice)",
@@ -239,7 +244,8 @@ LABELS = {
 def write_markdown(result: dict, path: Path) -> None:
     exact, speed_, calibration = result["exactness"], result["speed"], result["calibration"]
     rates, ratios = speed_["images_per_s"], speed_["ratio_to_imagehash"]
-    int8_note = "" if calibration["int8_gemm_exact"] else " (its int8 GEMMs are not exact on this CPU: refused)"
+    refusals = [name for name, ok in calibration["usable"].items() if not ok]
+    int8_note = f"; {', '.join(refusals)} not exact on this CPU, refused" if refusals else ""
     lines = [
         "# pHash: gren.hashing.phash vs imagehash.phash",
         "",
@@ -256,8 +262,8 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for name in (*CPU_PATHS, "auto"):
         cells = [f"{c['bit_exact']} / {c['compared']} ({c['ties_left_out']} ties)" for c in exact[name].values()]
-        refused = " (refused here)" if name == "int8" and not calibration["int8_gemm_exact"] else ""
-        lines.append(f"| {LABELS[name]}{refused} | " + " | ".join(cells) + " |")
+        note = " (refused here)" if refused(name) else ""
+        lines.append(f"| {LABELS[name]}{note} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"## Speed (pre-decoded images, batches of {speed_['batch']}, {speed_['torch_threads']} torch threads, "
@@ -268,7 +274,8 @@ def write_markdown(result: dict, path: Path) -> None:
         f"| imagehash.phash (PIL image, one at a time) | {rates['imagehash']:.0f} | 1.0x |",
     ]
     for name in (*CPU_PATHS, "auto", "auto_1_thread"):
-        lines.append(f"| gren phash, {LABELS[name]} | {rates[name]:.0f} | {ratios[name]:.1f}x |")
+        note = " (refused here: inexact)" if refused(name) else ""
+        lines.append(f"| gren phash, {LABELS[name]}{note} | {rates[name]:.0f} | {ratios[name]:.1f}x |")
     if "cuda_images_per_s" in speed_:
         lines.append(f"| gren phash on {speed_['cuda_device']} | {speed_['cuda_images_per_s']:.0f} | |")
     lung = speed_["lung_hashes_images_per_s"]
