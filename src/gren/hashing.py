@@ -598,13 +598,6 @@ def _resize_varied(images: Sequence[torch.Tensor], kernel: str) -> torch.Tensor:
 CPU_PATHS = ("int8", "int8_7bit", "pillow", "float64")
 """The exact CPU resize paths: int8 GEMMs (VNNI only), int8 GEMMs with 7-bit weight digits (exact without
 VNNI too), Pillow's own resize per image, float64 GEMMs."""
-_PROBES = {"int8": "_int8_gemm_exact", "int8_7bit": "_int8_7bit_gemm_exact"}  # paths usable only where exact
-
-
-def path_usable(path: str) -> bool:
-    """Whether the CPU path ``path`` (one of :data:`CPU_PATHS`) is exact on this CPU (int8 GEMMs vary)."""
-    probe = _PROBES.get(path)
-    return probe is None or globals()[probe]()
 PHASH_PATH_ENV = "GREN_PHASH_PATH"
 """Environment variable overriding the CPU path: one of :data:`CPU_PATHS` or ``auto`` (the default)."""
 _AUTO_CANDIDATES = CPU_PATHS
@@ -617,13 +610,23 @@ class PhashPathError(GrenError, ValueError):
     """An unknown or unusable pHash CPU path (argument or ``$GREN_PHASH_PATH``)."""
 
 
+def path_usable(path: str) -> bool:
+    """Whether the CPU path ``path`` (one of :data:`CPU_PATHS`) is exact on this CPU: the int8 paths
+    depend on how the CPU's int8 GEMMs accumulate (:func:`_int8_gemm_exact`, :func:`_int8_7bit_gemm_exact`)."""
+    if path == "int8":
+        return _int8_gemm_exact()
+    if path == "int8_7bit":
+        return _int8_7bit_gemm_exact()
+    return path in CPU_PATHS
+
+
 def cpu_path(path: str | None = None) -> str:
     """The CPU path a :func:`phash` call with this ``path`` argument uses: one of :data:`CPU_PATHS`.
 
     Precedence: the ``path`` argument, else ``$GREN_PHASH_PATH``, else ``"auto"``. ``"auto"`` is
-    :func:`calibrate`'s choice (measured once per process). An explicit ``"int8"`` on a CPU whose int8
-    GEMMs are not exact (:func:`_int8_gemm_exact`) raises :class:`PhashPathError` rather than return
-    wrong bits.
+    :func:`calibrate`'s choice (measured once per process). An unknown name, or an int8 path on a CPU
+    whose int8 GEMMs are not exact for it (:func:`path_usable`), raises :class:`PhashPathError` rather
+    than return wrong bits.
     """
     source = "argument"
     if path is None:
@@ -636,9 +639,10 @@ def cpu_path(path: str | None = None) -> str:
             f"pHash path {path!r} (from the {source}) is not one of: auto, {', '.join(CPU_PATHS)}"
         )
     if not path_usable(choice):
+        others = ", ".join(repr(other) for other in ("auto", *CPU_PATHS) if other == "auto" or path_usable(other))
         raise PhashPathError(
             f"pHash path {choice!r} (from the {source}) is not exact on this CPU: its int8 GEMMs saturate "
-            "(no VNNI); use 'auto', 'int8_7bit', 'pillow' or 'float64'"
+            f"(no VNNI); use one of {others}"
         )
     return choice
 
