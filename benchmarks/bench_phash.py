@@ -244,7 +244,7 @@ LABELS = {
 def write_markdown(result: dict, path: Path) -> None:
     exact, speed_, calibration = result["exactness"], result["speed"], result["calibration"]
     rates, ratios = speed_["images_per_s"], speed_["ratio_to_imagehash"]
-    refusals = [name for name, ok in calibration["usable"].items() if not ok]
+    refusals = [name for name, ok in calibration["usable"].items() if not ok]  # as measured, not as now
     int8_note = f"; {', '.join(refusals)} not exact on this CPU, refused" if refusals else ""
     lines = [
         "# pHash: gren.hashing.phash vs imagehash.phash",
@@ -262,7 +262,7 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for name in (*CPU_PATHS, "auto"):
         cells = [f"{c['bit_exact']} / {c['compared']} ({c['ties_left_out']} ties)" for c in exact[name].values()]
-        note = " (refused here)" if refused(name) else ""
+        note = " (refused here)" if name in refusals else ""
         lines.append(f"| {LABELS[name]}{note} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -274,7 +274,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"| imagehash.phash (PIL image, one at a time) | {rates['imagehash']:.0f} | 1.0x |",
     ]
     for name in (*CPU_PATHS, "auto", "auto_1_thread"):
-        note = " (refused here: inexact)" if refused(name) else ""
+        note = " (refused here: inexact)" if name in refusals else ""
         lines.append(f"| gren phash, {LABELS[name]}{note} | {rates[name]:.0f} | {ratios[name]:.1f}x |")
     if "cuda_images_per_s" in speed_:
         lines.append(f"| gren phash on {speed_['cuda_device']} | {speed_['cuda_images_per_s']:.0f} | |")
@@ -285,8 +285,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "images), images/s: "
         + ", ".join(f"{name} {rate:.0f}" for name, rate in lung.items()) + ".",
         "",
-        "Calibration (16 noise images of 512 x 512, once per process): "
-        + ", ".join(f"{name} {rate:.0f} images/s" for name, rate in calibration["images_per_s"].items())
+        "Calibration (16 noise images of 512 x 512, once per process; images per CPU-second of this process): "
+        + ", ".join(f"{name} {rate:.0f}" for name, rate in calibration["images_per_s"].items())
         + f" -> `{calibration['choice']}`.",
         "",
     ]
@@ -299,10 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-round", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite NAME.md from NAME.json")
     parser.add_argument("--name", default="phash", help="result file stem (e.g. phash_onednn_avx2 for a run "
                         "with ONEDNN_MAX_CPU_ISA=AVX2, standing in for a CPU without VNNI)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.markdown_only:
+        write_markdown(json.loads((args.out / f"{args.name}.json").read_text()), args.out / f"{args.name}.md")
+        return 0
     folder = shared_data_dir() / "nih" / "images"
     if not folder.is_dir():
         log.error("real images not found at %s (set GREN_SHARED_DATA)", folder)
