@@ -13,11 +13,25 @@ What ``imagehash.phash`` computes (imagehash 4.3.2 on Pillow 13), and how this m
    vertical pass first when the height shrinks much more than the width (``H - 32 > 2 (W - 32)`` with
    ``H > 32``, measured on Pillow 13.0; older Pillow is detected and always goes horizontal first).
    A side already 32 pixels long is not resampled (Pillow skips that pass).
-   The integer sums are reproduced exactly: on CPU with int8 GEMMs (the coefficients split into three
-   signed base-256 digits, pixels shifted to -128..127, int32 accumulation, recombined in int64), on
-   other devices (CUDA) in float64, whose 53-bit mantissa holds the sums exactly.
-3. ``scipy.fftpack.dct(dct(pixels, axis=0), axis=1)``: unnormalised DCT-II. On CPU the same scipy
-   routine is called on the whole batch; on other devices ``C @ X @ C.T`` in float64 with
+   The resize has four exact CPU paths (:data:`CPU_PATHS`); other devices (CUDA) take ``float64``:
+
+   * ``"int8"``: int8 GEMMs (``torch._int_mm``), the coefficients split into three signed base-256
+     digits, pixels shifted to -128..127, int32 partial sums recombined without overflow. Exact only
+     where the CPU multiplies int8 exactly (VNNI: AVX512_VNNI / AVX_VNNI / AMX); without VNNI oneDNN's
+     kernels saturate int16 pair sums and the hashes are wrong, so a probe (:func:`_int8_gemm_exact`)
+     refuses the path there.
+   * ``"int8_7bit"``: the same GEMMs with 3-4 signed base-128 digits in -64..63 as second operand,
+     which the non-VNNI kernels do not saturate (:func:`_int8_7bit_gemm_exact`); with VNNI about as
+     fast as ``"int8"`` per CPU-second, without it ~3x faster than Pillow (measured with oneDNN held to AVX2).
+   * ``"pillow"``: Pillow's own ``Image.resize((32, 32), LANCZOS)`` per image on worker threads: the
+     definition, hence exact on any CPU and Pillow version.
+   * ``"float64"``: the coefficients as a float64 matrix, whose 53-bit mantissa holds the sums exactly.
+
+   Which CPU path runs is decided at run time, per process: the ``path`` argument of :func:`phash`,
+   else ``$GREN_PHASH_PATH``, else ``auto``: :func:`calibrate` times every usable path once on 16 noise
+   images of 512 x 512 (~0.5 s), checks its thumbnails against Pillow's, and keeps the fastest.
+3. ``scipy.fftpack.dct(dct(pixels, axis=0), axis=1)``: unnormalised DCT-II. On CPU (every path) the
+   same scipy routine is called on the whole batch; on other devices ``C @ X @ C.T`` in float64 with
    ``C[k, n] = 2 cos(pi k (2n + 1) / 64)``.
 4. ``low = dct[:8, :8]``; ``bits = low > median(low)`` (median of 64 values = mean of the 32nd and 33rd),
    row-major over the 8 x 8 block. ``str(hash)`` is the 64 bits as 16 hex digits, first bit most
@@ -35,12 +49,15 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from gren.errors import GrenError
 
 logger = logging.getLogger(__name__)
 
@@ -153,19 +170,51 @@ def _resize_numpy_reference(image: np.ndarray, vertical_first: bool) -> np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _int8_gemm_available() -> bool:
+def _int_mm_exact(rows: int, depth: int, cols: int, second_low: int, second_high: int) -> bool:
+    """Whether ``torch._int_mm`` of a full-range int8 (rows, depth) by an int8 (depth, cols) whose values lie
+    in ``second_low .. second_high`` equals the int64 product: random values plus blocks of the extremes."""
     if not hasattr(torch, "_int_mm"):
         return False
+    rng = np.random.default_rng(20240601)
+    first = rng.integers(-128, 128, size=(rows, depth), dtype=np.int8)
+    second = rng.integers(second_low, second_high + 1, size=(depth, cols), dtype=np.int8)
+    first[:, :64], first[: rows // 2, 64:128] = 127, -128
+    second[:64, : cols // 2], second[:64, cols // 2 :], second[64:128] = second_high, second_low, second_high
+    expected = first.astype(np.int64) @ second.astype(np.int64)
     try:
-        a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
-        b = torch.tensor([[1], [2], [3]], dtype=torch.int8).expand(3, 8).contiguous()
-        if bool((torch._int_mm(a, b) == 6).all()):
-            return True
+        product = torch._int_mm(torch.from_numpy(first), torch.from_numpy(second)).numpy()
     except (RuntimeError, NotImplementedError):  # pragma: no cover - depends on the torch build
-        pass
-    logger.info("torch._int_mm is not usable on this CPU build; pHash resizes with float64 GEMMs (slower)")
-    return False
+        return False
+    return bool(np.array_equal(product.astype(np.int64), expected))
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_gemm_exact() -> bool:
+    """Whether the ``"int8"`` path's GEMMs (two full-range int8 operands) are exact on this CPU.
+
+    Without VNNI (AVX2-only or AVX-512F-only CPUs), oneDNN's s8 x s8 GEMM multiplies with
+    ``vpmaddubsw``, whose int16 pair sums saturate: measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``, 44% of
+    the first-pass outputs of random 512-pixel rows were wrong and 82 of 100 NIH hashes differed. The
+    probe multiplies operands of the shapes the first pass uses and compares with an int64 product.
+    """
+    exact = _int_mm_exact(24, 208, 256, -128, 127)
+    if not exact:
+        logger.info("torch._int_mm saturates full-range int8 operands on this CPU (no VNNI?): no 'int8' path")
+    return exact
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_7bit_gemm_exact() -> bool:
+    """Whether the ``"int8_7bit"`` path's GEMMs (full-range pixels by weight digits in -64..63) are exact.
+
+    oneDNN's non-VNNI kernels add 128 to the first operand (u8) and pair-sum ``u8 x s8`` products in
+    int16: with the second operand within -64..63 the pair sums stay below 2 * 255 * 64 = 32640 < 2**15,
+    so nothing saturates (measured exact with ``ONEDNN_MAX_CPU_ISA=AVX2`` and natively with VNNI).
+    """
+    exact = _int_mm_exact(256, 208, 24, -64, 63)
+    if not exact:
+        logger.info("torch._int_mm is not exact even with 7-bit weights on this CPU: no 'int8_7bit' path")
+    return exact
 
 
 def _signed_digits(weights: np.ndarray) -> np.ndarray:
@@ -229,8 +278,9 @@ _POOLS_LOCK = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    global _POOLS_LOCK
+    global _POOLS_LOCK, _CALIBRATION_LOCK
     _POOLS_LOCK = threading.Lock()  # a lock held by another thread at fork time would never be released
+    _CALIBRATION_LOCK = threading.Lock()  # (a calibration finished before the fork stays valid: same CPU)
     _POOLS.clear()  # the parent's worker threads do not exist in the child
 
 
@@ -258,13 +308,25 @@ def _cpu_pool() -> ThreadPoolExecutor:
     return _pool_of(max(1, torch.get_num_threads()))
 
 
-def _resample_rows(rows: torch.Tensor) -> torch.Tensor:
-    """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact."""
+def _resample_rows(rows: torch.Tensor, kernel: str) -> torch.Tensor:
+    """One Pillow LANCZOS pass along the last axis: uint8 (R, L) -> uint8 (R, 32), bit-exact.
+
+    ``kernel``: ``"int8"`` (CPU int8 GEMMs, only where :func:`_int8_gemm_exact`), ``"int8_7bit"`` (CPU,
+    where :func:`_int8_7bit_gemm_exact`) or ``"float64"`` (any device).
+    """
     length = rows.shape[1]
     if length == RESIZE_SIDE:
         return rows
-    use_int8 = rows.device.type == "cpu" and _int8_gemm_available()
-    if use_int8:
+    if kernel == "int8_7bit" and not _int8_7bit_bands(length):
+        kernel = "float64"  # a window wider than the int32 bound: exact in float64
+    if kernel == "int8_7bit":
+        pixels = rows.contiguous().numpy()
+        out = np.empty((RESIZE_SIDE, rows.shape[0]), dtype=np.uint8)  # outputs-major
+        for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
+            stop = start + _ROWS_PER_GEMM
+            _int8_7bit_pass(pixels[start:stop], out[:, start:stop])
+        return torch.from_numpy(out).t()  # (R, 32) view
+    if kernel == "int8":
         pixels = rows.contiguous().numpy()
         out = np.empty((RESIZE_SIDE, rows.shape[0]), dtype=np.uint8)  # outputs-major
         for start in range(0, rows.shape[0], _ROWS_PER_GEMM):
@@ -323,44 +385,177 @@ def _int8_pass(pixels: np.ndarray, out: np.ndarray) -> None:
         out[out_first:out_last] = high
 
 
+_INT32_SAFE_DEPTH = 1400  # 8192 * 129 * depth + 2**29.1 < 2**31: the 7-bit combine stays in int32
+
+
+def _base128_digits(weights: np.ndarray) -> list[np.ndarray]:
+    """int64 (n, w) weights -> 3 or 4 signed base-128 digits (n, w) each in -64..63, least significant first."""
+    digits = []
+    rest = weights.copy()
+    while len(digits) < 3 or rest.any():
+        digit = ((rest + 64) % 128) - 64
+        digits.append(digit)
+        rest = (rest - digit) // 128
+    if len(digits) > 4:  # pragma: no cover - |w| <= 2**22 always fits four digits
+        raise AssertionError("Lanczos coefficient does not fit four base-128 digits")
+    return digits
+
+
+@functools.lru_cache(maxsize=4096)
+def _int8_7bit_bands(in_size: int) -> tuple[tuple[int, int, int, int, int, torch.Tensor, int, np.ndarray], ...]:
+    """The GEMM operands of one ``"int8_7bit"`` pass, in bands of outputs as :func:`_int8_bands`.
+
+    Per band: (first input column, last + 1, first output, last + 1, zero columns to pad the input with,
+    int8 (w, d n) digits matrix [digit 0 of the n outputs | digit 1 | ...], d (3 or 4), int32 (n,) bias
+    ``128 sum_i w_i + 2**21``). Bands are narrowed (more groups of outputs) until each reads at most
+    :data:`_INT32_SAFE_DEPTH` input columns; where even one output's window is wider (inputs longer than
+    ~7,400 pixels) the result is empty and :func:`_resample_rows` runs that pass in float64 instead.
+    """
+    weights = lanczos_coefficients(in_size)  # (32, in_size)
+    for groups in ((4, 8, 16, 32) if in_size >= 4 * RESIZE_SIDE else (1, 4, 8, 16, 32)):
+        per_group = RESIZE_SIDE // groups
+        windows = []
+        for group in range(groups):
+            used = np.flatnonzero(weights[group * per_group : (group + 1) * per_group].any(axis=0))
+            windows.append((int(used[0]), int(used[-1]) + 1))
+        if max(last - first for first, last in windows) <= _INT32_SAFE_DEPTH:
+            break
+    else:
+        return ()
+    bands = []
+    for group, (first, last) in enumerate(windows):
+        rows = weights[group * per_group : (group + 1) * per_group]
+        if last - first < _MIN_GEMM_DEPTH:
+            first = max(0, min(first, in_size - _MIN_GEMM_DEPTH))
+            last = min(in_size, first + _MIN_GEMM_DEPTH)
+        pad = max(0, _MIN_GEMM_DEPTH - (last - first))
+        digits = _base128_digits(np.pad(rows[:, first:last], ((0, 0), (0, pad))))
+        matrix = np.ascontiguousarray(np.concatenate(digits, axis=0).T.astype(np.int8))
+        bias = (128 * rows.sum(axis=1) + _ROUNDING).astype(np.int32)
+        bands.append((first, last, group * per_group, (group + 1) * per_group, pad, torch.from_numpy(matrix),
+                      len(digits), bias))  # fmt: skip
+    return tuple(bands)
+
+
+def _int8_7bit_pass(pixels: np.ndarray, out: np.ndarray) -> None:
+    """CPU pass via int8 GEMMs that do not saturate without VNNI: uint8 (R, L) contiguous -> ``out`` uint8 (32, R).
+
+    Pixels are shifted to ``q = p - 128`` (int8, the GEMM's first operand); the weights are split into
+    signed base-128 digits ``w = d_0 + 128 d_1 + 128**2 d_2 (+ 128**3 d_3)`` in -64..63 (the second
+    operand, see :func:`_int8_7bit_gemm_exact`). The GEMM gives ``P_j = sum_i q_i d_j[i]`` (|P_j| <=
+    8192 * depth); Pillow's ``(sum_i p_i w_i + 2**21) >> 22`` is ``(t + 2**14 v) >> 22`` with
+    ``t = P_0 + 128 P_1 + bias``, ``v = P_2 + 128 P_3`` and ``bias = 128 sum_i w_i + 2**21``, which is
+    ``((t >> 14) + v) >> 8``: every term fits int32 for bands of at most :data:`_INT32_SAFE_DEPTH` columns.
+    The GEMM reads the band in place (row stride L); its (R, d n) result is transposed once so the
+    elementwise steps run on contiguous rows of R values.
+    """
+    n_rows, length = pixels.shape
+    if pixels.size % 8 == 0:
+        shifted = np.bitwise_xor(pixels.reshape(-1).view(np.uint64), _SIGN_FLIP_8X)
+    else:
+        shifted = np.bitwise_xor(pixels, np.uint8(128))
+    shifted = shifted.view(np.int8).reshape(n_rows, length)
+    for first, last, out_first, out_last, pad, matrix, n_digits, bias in _int8_7bit_bands(length):
+        band = shifted[:, first:last]
+        if pad:
+            band = np.pad(band, ((0, 0), (0, pad)))
+        partial = np.ascontiguousarray(torch._int_mm(torch.from_numpy(band), matrix).numpy().T)  # (d n, R)
+        n = out_last - out_first
+        total = partial[n : 2 * n]
+        total *= 128
+        total += partial[:n]
+        total += bias[:, None]
+        total >>= 14
+        total += partial[2 * n : 3 * n]
+        if n_digits == 4:
+            high = partial[3 * n :]
+            high *= 128
+            total += high
+        total >>= 8
+        np.clip(total, 0, 255, out=total)
+        out[out_first:out_last] = total
+
+
 # --------------------------------------------------------------------------------------------
 # Resize to 32 x 32
 # --------------------------------------------------------------------------------------------
 
 
-def pillow_lanczos_resize(images: torch.Tensor) -> torch.Tensor:
+def pillow_lanczos_resize(images: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """``Image.resize((32, 32), LANCZOS)`` of a batch of same-size grayscale images, bit-exact.
 
     ``images``: uint8 (B, H, W) on any device. Returns uint8 (B, 32, 32) on the same device.
-    On CPU, sub-batches of about :data:`_ROWS_PER_TASK` rows run on :func:`_cpu_pool`'s workers.
+    ``path``: the CPU path (:func:`cpu_path`; ``None``: ``$GREN_PHASH_PATH`` or the calibrated choice);
+    other devices always take the float64 path. On CPU, sub-batches run on :func:`_cpu_pool`'s workers
+    (about :data:`_ROWS_PER_TASK` rows each for the GEMM paths).
     """
     _check_uint8_batch(images)
-    batch, height, width = images.shape
-    if batch == 0:
+    kernel = _kernel_for(images.device, path)
+    if images.shape[0] == 0:
         return images.new_zeros((0, RESIZE_SIDE, RESIZE_SIDE))
     if images.device.type != "cpu":
-        return _resize_same_size(images)
+        return _resize_same_size(images, kernel)
+    return _resize_cpu(images, kernel)
+
+
+def _resize_cpu(images: torch.Tensor, kernel: str) -> torch.Tensor:
+    """CPU body of :func:`pillow_lanczos_resize` for one named path: uint8 (B, H, W), B >= 1 -> (B, 32, 32)."""
+    if kernel == "pillow":
+        return _pillow_resize_parallel(list(images))
+    batch, height, width = images.shape
     per_task = max(1, _ROWS_PER_TASK // max(height, width))
     if batch <= per_task:
-        return _cpu_pool().submit(_resize_same_size, images).result()
-    parts = list(_cpu_pool().map(_resize_same_size, images.split(per_task)))
+        return _cpu_pool().submit(_resize_same_size, images, kernel).result()
+    parts = list(_cpu_pool().map(functools.partial(_resize_same_size, kernel=kernel), images.split(per_task)))
     return torch.cat(parts)
 
 
-def _resize_same_size(images: torch.Tensor) -> torch.Tensor:
-    """Serial body of :func:`pillow_lanczos_resize`: uint8 (B, H, W), B >= 1 -> uint8 (B, 32, 32)."""
+def _resize_same_size(images: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Serial body of :func:`pillow_lanczos_resize` for the GEMM kernels ("int8", "float64"):
+    uint8 (B, H, W), B >= 1 -> uint8 (B, 32, 32)."""
     batch, height, width = images.shape
     if vertical_first(height, width):
-        first = _resample_rows(images.transpose(1, 2).reshape(batch * width, height))  # (B*W, 32): [x, yy]
+        columns = images.transpose(1, 2).reshape(batch * width, height)
+        first = _resample_rows(columns, kernel)  # (B*W, 32): [x, yy]
         first = first.reshape(batch, width, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, width)
-        return _resample_rows(first).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).contiguous()  # [yy, xx]
-    first = _resample_rows(images.reshape(batch * height, width))  # (B*H, 32): [y, xx]
+        return _resample_rows(first, kernel).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).contiguous()  # [yy, xx]
+    first = _resample_rows(images.reshape(batch * height, width), kernel)  # (B*H, 32): [y, xx]
     first = first.reshape(batch, height, RESIZE_SIDE).transpose(1, 2).reshape(batch * RESIZE_SIDE, height)
-    return _resample_rows(first).reshape(batch, RESIZE_SIDE, RESIZE_SIDE).transpose(1, 2).contiguous()
+    second = _resample_rows(first, kernel).reshape(batch, RESIZE_SIDE, RESIZE_SIDE)
+    return second.transpose(1, 2).contiguous()
 
 
-def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Resize images of different sizes (uint8 (h_i, w_i), one device) to uint8 (N, 32, 32).
+def _pillow_resize_serial(images: Sequence[torch.Tensor]) -> np.ndarray:
+    """Pillow's own ``Image.resize((32, 32), LANCZOS)`` of each uint8 (h_i, w_i) CPU image: (N, 32, 32).
+
+    This is the definition imagehash uses, hence exact by construction on every Pillow version.
+    """
+    from PIL import Image
+
+    out = np.empty((len(images), RESIZE_SIDE, RESIZE_SIDE), dtype=np.uint8)
+    for index, image in enumerate(images):
+        thumbnail = Image.fromarray(np.ascontiguousarray(image.numpy())).resize(
+            (RESIZE_SIDE, RESIZE_SIDE), Image.Resampling.LANCZOS
+        )
+        out[index] = np.asarray(thumbnail)
+    return out
+
+
+def _pillow_resize_parallel(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`_pillow_resize_serial` split over :func:`_cpu_pool` (Pillow releases the GIL while it
+    resamples): uint8 (h_i, w_i) CPU images -> uint8 (N, 32, 32)."""
+    if not images:
+        return torch.zeros((0, RESIZE_SIDE, RESIZE_SIDE), dtype=torch.uint8)
+    workers = max(1, torch.get_num_threads())
+    share = max(8, -(-len(images) // workers))
+    parts = [images[start : start + share] for start in range(0, len(images), share)]
+    if len(parts) == 1:
+        return torch.from_numpy(_pillow_resize_serial(parts[0]))
+    return torch.from_numpy(np.concatenate(list(_cpu_pool().map(_pillow_resize_serial, parts))))
+
+
+def _resize_varied(images: Sequence[torch.Tensor], kernel: str) -> torch.Tensor:
+    """Resize images of different sizes (uint8 (h_i, w_i), one device) to uint8 (N, 32, 32), GEMM kernels.
 
     Pass inputs of equal length share one GEMM: first passes are grouped by the resampled length, the
     second passes by the first pass's row count, so crops of many sizes still hash in few large calls.
@@ -375,7 +570,7 @@ def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
         by_length[int(rows.shape[1])].append(index)
     for members in by_length.values():
         stacked = torch.cat([first_inputs[i].reshape(-1, first_inputs[i].shape[1]) for i in members])
-        resampled = _resample_rows(stacked)
+        resampled = _resample_rows(stacked, kernel)
         offset = 0
         for i in members:
             n_rows = int(first_inputs[i].shape[0])
@@ -389,11 +584,141 @@ def _resize_varied(images: Sequence[torch.Tensor]) -> torch.Tensor:
         by_rows[int(out.shape[0])].append(index)
     for n_rows, members in by_rows.items():
         stacked = torch.stack([first_outputs[i].t() for i in members]).reshape(-1, n_rows)
-        second = _resample_rows(stacked).view(len(members), RESIZE_SIDE, RESIZE_SIDE)
+        second = _resample_rows(stacked, kernel).view(len(members), RESIZE_SIDE, RESIZE_SIDE)
         for slot, i in enumerate(members):
             # horizontal-first: second pass output is [xx, yy]; vertical-first: [yy, xx]
             result[i] = second[slot] if orders[i] else second[slot].t()
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the CPU path at run time
+# --------------------------------------------------------------------------------------------
+
+CPU_PATHS = ("int8", "int8_7bit", "pillow", "float64")
+"""The exact CPU resize paths: int8 GEMMs (VNNI only), int8 GEMMs with 7-bit weight digits (exact without
+VNNI too), Pillow's own resize per image, float64 GEMMs."""
+PHASH_PATH_ENV = "GREN_PHASH_PATH"
+"""Environment variable overriding the CPU path: one of :data:`CPU_PATHS` or ``auto`` (the default)."""
+_AUTO_CANDIDATES = CPU_PATHS
+_CALIBRATION_IMAGES = 16
+_CALIBRATION_SIDE = 512  # the NIH sample's size; lung crops are ~150-300 px
+_CALIBRATION_REPEATS = 3
+
+
+class PhashPathError(GrenError, ValueError):
+    """An unknown or unusable pHash CPU path (argument or ``$GREN_PHASH_PATH``)."""
+
+
+def path_usable(path: str) -> bool:
+    """Whether the CPU path ``path`` (one of :data:`CPU_PATHS`) is exact on this CPU: the int8 paths
+    depend on how the CPU's int8 GEMMs accumulate (:func:`_int8_gemm_exact`, :func:`_int8_7bit_gemm_exact`)."""
+    if path == "int8":
+        return _int8_gemm_exact()
+    if path == "int8_7bit":
+        return _int8_7bit_gemm_exact()
+    return path in CPU_PATHS
+
+
+def cpu_path(path: str | None = None) -> str:
+    """The CPU path a :func:`phash` call with this ``path`` argument uses: one of :data:`CPU_PATHS`.
+
+    Precedence: the ``path`` argument, else ``$GREN_PHASH_PATH``, else ``"auto"``. ``"auto"`` is
+    :func:`calibrate`'s choice (measured once per process). An unknown name, or an int8 path on a CPU
+    whose int8 GEMMs are not exact for it (:func:`path_usable`), raises :class:`PhashPathError` rather
+    than return wrong bits.
+    """
+    source = "argument"
+    if path is None:
+        path, source = os.environ.get(PHASH_PATH_ENV, "auto"), f"${PHASH_PATH_ENV}"
+    choice = str(path).strip().lower()
+    if choice == "auto":
+        return calibrate()["choice"]
+    if choice not in CPU_PATHS:
+        raise PhashPathError(
+            f"pHash path {path!r} (from the {source}) is not one of: auto, {', '.join(CPU_PATHS)}"
+        )
+    if not path_usable(choice):
+        others = ", ".join(repr(other) for other in ("auto", *CPU_PATHS) if other == "auto" or path_usable(other))
+        raise PhashPathError(
+            f"pHash path {choice!r} (from the {source}) is not exact on this CPU: its int8 GEMMs saturate "
+            f"(no VNNI); use one of {others}"
+        )
+    return choice
+
+
+def _kernel_for(device: torch.device, path: str | None) -> str:
+    """The resize kernel for images on ``device``: the CPU path, or ``"float64"`` off the CPU."""
+    if device.type == "cpu":
+        return cpu_path(path)
+    if path is not None and str(path).strip().lower() not in ("auto", "float64"):
+        raise PhashPathError(f"pHash path {path!r} is a CPU path; images on {device} take the float64 path")
+    return "float64"
+
+
+def _calibration_batch() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Deterministic full-range noise: uint8 (16, 512, 512) for timing and checking, plus odd-size images
+    (both pass orders, upsampling) for checking only. Noise is what makes saturating int8 GEMMs fail."""
+    rng = np.random.default_rng(16)
+    side, count = _CALIBRATION_SIDE, _CALIBRATION_IMAGES
+    batch = torch.from_numpy(rng.integers(0, 256, size=(count, side, side), dtype=np.uint8))
+    odd = [torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8))
+           for shape in ((37, 91), (300, 120), (130, 47), (20, 17), (257, 513))]  # fmt: skip
+    return batch, odd
+
+
+_CALIBRATION: dict | None = None
+_CALIBRATION_LOCK = threading.Lock()
+
+
+def calibrate(force: bool = False) -> dict:
+    """Time the candidate CPU paths once per process and pick the fastest exact one.
+
+    Candidates: ``"pillow"`` (Pillow's own resize: exact by definition, the reference), ``"float64"``,
+    and the int8 paths where their GEMMs are exact (:func:`path_usable`). Each candidate resizes
+    :func:`_calibration_batch` (16 noise images of 512 x 512, through the same worker pool as real calls)
+    and its thumbnails, odd sizes included, must equal Pillow's; a candidate that differs is dropped with
+    a warning. Speed is this process's CPU time (all threads) per image, best of 3 rounds that alternate
+    the candidates after a warm-up: CPU time, unlike wall time, hardly moves when other jobs share the
+    cores, and every path spreads over the same workers. Takes ~0.3-0.6 s. Returns ``{"choice": path,
+    "images_per_s": {path: images per CPU-second}, "exact": {path: bool}, "usable": {path: bool}}``;
+    cached (``force=True`` measures again).
+    """
+    global _CALIBRATION
+    with _CALIBRATION_LOCK:
+        if _CALIBRATION is not None and not force:
+            return _CALIBRATION
+        batch, odd = _calibration_batch()
+        reference = _pillow_resize_parallel(list(batch))
+        reference_odd = _pillow_resize_parallel(odd)
+        exact: dict[str, bool] = {}
+        usable = {candidate: path_usable(candidate) for candidate in _AUTO_CANDIDATES}
+        for candidate in _AUTO_CANDIDATES:
+            if not usable[candidate]:
+                exact[candidate] = False
+                continue
+            thumbnails = _resize_cpu(batch, candidate)  # warm-up: coefficient caches, pool threads
+            exact[candidate] = bool(torch.equal(thumbnails, reference)) and all(
+                torch.equal(_resize_cpu(image[None], candidate)[0], expected)
+                for image, expected in zip(odd, reference_odd)
+            )
+            if not exact[candidate]:
+                logger.warning("pHash path %r differs from Pillow's resize on this machine; not used", candidate)
+        timed = [candidate for candidate in _AUTO_CANDIDATES if exact[candidate]]
+        best = dict.fromkeys(timed, math.inf)
+        for _ in range(_CALIBRATION_REPEATS):
+            for candidate in timed:
+                start = time.process_time()
+                _resize_cpu(batch, candidate)
+                best[candidate] = min(best[candidate], time.process_time() - start)
+        rates = {candidate: len(batch) / max(seconds, 1e-9) for candidate, seconds in best.items()}
+        choice = max(rates, key=rates.get)
+        logger.info(
+            "pHash CPU path: %s (calibration, %d images of %d px, images per CPU-second: %s)", choice, len(batch),
+            _CALIBRATION_SIDE, ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()),
+        )
+        _CALIBRATION = {"choice": choice, "images_per_s": rates, "exact": exact, "usable": usable}
+        return _CALIBRATION
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,10 +798,10 @@ def _to_gray_tensor(item) -> torch.Tensor:
     return tensor
 
 
-def resize32(x) -> torch.Tensor:
+def resize32(x, path: str | None = None) -> torch.Tensor:
     """The exact 32 x 32 LANCZOS thumbnails pHash is taken on: uint8 (B, 32, 32).
 
-    ``x`` as for :func:`phash`. Device follows a tensor input; CPU otherwise.
+    ``x`` and ``path`` as for :func:`phash`. Device follows a tensor input; CPU otherwise.
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -484,36 +809,40 @@ def resize32(x) -> torch.Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(0)
         _check_uint8_batch(x)
-        return pillow_lanczos_resize(x)
+        return pillow_lanczos_resize(x, path)
     items = [_to_gray_tensor(item) for item in x]
     if not items:
+        _kernel_for(torch.device("cpu"), path)  # a bad path is reported even for an empty list
         return torch.zeros((0, RESIZE_SIDE, RESIZE_SIDE), dtype=torch.uint8)
     devices = {item.device for item in items}
     if len(devices) > 1:
         raise ValueError(f"all images must be on one device, got {sorted(str(d) for d in devices)}")
     shapes = {tuple(item.shape) for item in items}
     if len(shapes) == 1:
-        return pillow_lanczos_resize(torch.stack(items))
+        return pillow_lanczos_resize(torch.stack(items), path)
+    kernel = _kernel_for(items[0].device, path)
     if items[0].device.type != "cpu":
-        return _resize_varied(items)
+        return _resize_varied(items, kernel)
+    if kernel == "pillow":
+        return _pillow_resize_parallel(items)
     workers = max(1, torch.get_num_threads())
     share = -(-len(items) // workers)
     parts = [items[start : start + share] for start in range(0, len(items), share)]
-    return torch.cat(list(_cpu_pool().map(_resize_varied, parts)))
+    return torch.cat(list(_cpu_pool().map(functools.partial(_resize_varied, kernel=kernel), parts)))
 
 
-def phash_with_margin(x) -> tuple[torch.Tensor, torch.Tensor]:
+def phash_with_margin(x, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`phash` plus, per image, the distance (DCT units) of the nearest low coefficient to the median.
 
     A margin below :data:`TIE_MARGIN` means the bits of tied coefficients are floating-point noise
     (flat or striped images); imagehash's output is then arbitrary too.
-    Returns (bool (B, 64), float64 (B,)), on the input's device.
+    Returns (bool (B, 64), float64 (B,)), on the input's device. ``path`` as for :func:`phash`.
     """
-    thumbnails = resize32(x)
+    thumbnails = resize32(x, path)
     return _bits_from_low(_low_dct(thumbnails))
 
 
-def phash(x) -> torch.Tensor:
+def phash(x, path: str | None = None) -> torch.Tensor:
     """Perceptual hashes of a batch of images, bit-exact with ``imagehash.phash`` (hash_size 8).
 
     ``x``: a uint8 tensor or numpy array (B, H, W) (or (H, W) for one image) of grayscale pixels, or a
@@ -521,8 +850,12 @@ def phash(x) -> torch.Tensor:
     depth as :func:`gren.data.io.pil_to_gray` does) and / or uint8 (H, W) arrays or tensors of any sizes.
     Returns a bool tensor (B, 64) in imagehash's bit order (row-major over the 8 x 8 low block,
     bit = coefficient > median), on the input tensor's device (CPU for arrays and PIL images).
+
+    ``path``: how the CPU resizes, one of :data:`CPU_PATHS` or ``"auto"`` (see :func:`cpu_path`);
+    ``None`` reads ``$GREN_PHASH_PATH`` (default ``auto``: the faster exact path, measured once per
+    process). Every path returns the same bits. Inputs on other devices (CUDA) take the float64 path.
     """
-    return phash_with_margin(x)[0]
+    return phash_with_margin(x, path)[0]
 
 
 def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
