@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gren.data.labels import BOX_CLASSES
+from gren.core.labels import BOX_CLASSES
 from gren.eval.demo import DemoSettings, run_demo
 
 RESULTS = Path(__file__).resolve().parent / "results"

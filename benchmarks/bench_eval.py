@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gren.data.labels import BOX_CLASS_LABEL_INDEX
+from gren.core.labels import BOX_CLASS_LABEL_INDEX
 from gren.metrics import auc_by_label, image_scores, localization_report, score_boxes
 
 RESULTS = Path(__file__).resolve().parent / "results"

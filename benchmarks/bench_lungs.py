@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gren.core.paths import shared_data_dir
 from gren.lungs.classical import ClassicalSegmenter, outline_from_masks
 from gren.lungs.dice import lung_dice, summarize_dice
 from gren.lungs.folder import find_samples, load_pairs
 from gren.lungs.tools import fold_split
 from gren.lungs.unet import UNetSegmenter, train_unet
-from gren.paths import shared_data_dir
 
 log = logging.getLogger("bench_lungs")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -49,9 +49,9 @@ from tqdm import tqdm
 
 import gren.hashing as hashing
 from bench_prepare import cpu_model
+from gren.core.paths import shared_data_dir
 from gren.hashing import CPU_PATHS, PHASH_PATH_ENV, TIE_MARGIN, calibrate, phash, to_hex
 from gren.lungs.regions import lung_hashes
-from gren.paths import shared_data_dir
 
 log = logging.getLogger("bench_phash")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,6 +1,6 @@
 """Benchmark: reading a prepared cache vs decoding + resizing per item, and ``gren prepare`` itself.
 
-On a folder of real images (default: the shared NIH sample, ``gren.paths.shared_data_dir() / "nih"``)
+On a folder of real images (default: the shared NIH sample, ``gren.core.paths.shared_data_dir() / "nih"``)
 it measures, in one run and on the same machine:
 
 * ``prepare``: images/s of :func:`gren.data.prepare.prepare_cache` (decode, resize, lung masks, lung
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from gren.core.imageio import read_gray_resized
+from gren.core.paths import shared_data_dir
 from gren.data.cache import CacheDataset, PreparedCache
 from gren.data.dataset import RawDataset, collate
-from gren.data.io import read_gray_resized
 from gren.data.nih import find_bbox_csv, find_data_entry_csv, find_image_files, load_index
 from gren.data.prepare import prepare_cache
-from gren.paths import shared_data_dir
 
 log = logging.getLogger("bench_prepare")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from gren.data.labels import BOX_CLASSES
+from gren.core.labels import BOX_CLASSES
 from gren.data.synth import make_plan, render_case, synthesize
 from gren.data.synth.plan import IMAGE_STREAM, PATIENT_STREAM
 from gren.data.synth.stats import BOX_STATS

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from crossval_results import RESULTS, machine
+from gren.core.checkpoint import load_checkpoint
 from gren.data.cache import CacheDataset, PreparedCache
 from gren.data.dataset import collate
 from gren.data.prepare import prepare_cache
 from gren.data.synth import synthesize
 from gren.eval.demo import DemoSettings
 from gren.methods.registry import build_method
-from gren.train.checkpoint import load_checkpoint
 from gren.train.config import resolve_config
 from gren.train.sampler import MixedBatchSampler
 

@@ -35,10 +35,10 @@ from pathlib import Path
 from statistics import fmean
 
 from crossval_results import add_selected_variant, adopted_variant, training_minutes, write_crossval_results
+from gren.core.paths import shared_data_dir
 from gren.data.prepare import prepare_cache
 from gren.eval.crossval import pair_dir, parse_methods, run_crossval
 from gren.eval.evaluate import EVAL_JSON
-from gren.paths import shared_data_dir
 
 log = logging.getLogger("exp_nih_sample")
 

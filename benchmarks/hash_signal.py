@@ -32,9 +32,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from gren.core.paths import shared_data_dir
 from gren.hashing import hamming, hamming_pairs, phash
 from gren.lungs.regions import PRIOR_BOXES, lung_hashes
-from gren.paths import shared_data_dir
 
 log = logging.getLogger("hash_signal")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from gren.data.labels import LABELS
+from gren.core.labels import LABELS
 
 
 def make_item(index: int, size: int = 64, lesion: bool = True, lesion_class: int = 2, annotated: bool = True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gren.paths import shared_data_dir
+from gren.core.paths import shared_data_dir
 
 
 @pytest.fixture(scope="session")

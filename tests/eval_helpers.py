@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gren.data.labels import BOX_CLASSES
+from gren.core.labels import BOX_CLASSES
 
 _RUNS: dict[str, Path] = {}
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy.stats import ttest_rel
 
-from gren.paths import REPO_ROOT
+from gren.core.paths import REPO_ROOT
 
 
 @pytest.fixture()

@@ -18,16 +18,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from gren.core.errors import DataError, GrenError
+from gren.core.imageio import read_gray_resized, read_mask
+from gren.core.labels import LABEL_INDEX, LABELS
 from gren.data import cache_format as fmt
 from gren.data import source
 from gren.data.cache import CacheDataset, LungSafeAugment, PreparedCache, prepare_cache
 from gren.data.dataset import collate, normalize_uint8
-from gren.data.io import read_gray_resized, read_mask
-from gren.data.labels import LABEL_INDEX, LABELS
 from gren.data.nih import load_index
 from gren.data.prepare import STALL_AFTER_CHUNKS_ENV
 from gren.data.source import open_prepared
-from gren.errors import DataError, GrenError
 
 # prepare needs the lung segmenter and the lung hashes
 pytest.importorskip("gren.lungs.segment")

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from gren.data.labels import BOX_CLASSES, LABELS
-from gren.errors import GrenError
+from gren.core.errors import GrenError
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.eval.crossval import collect_results, run_crossval, write_tables
 from gren.eval.evaluate import write_eval
 from gren.eval.table import csv_table, markdown_table

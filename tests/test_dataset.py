@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from gren.core.errors import ImageReadError
+from gren.core.labels import LABELS
 from gren.data import dataset as dataset_module
 from gren.data.dataset import (
     RawDataset,
@@ -17,9 +19,7 @@ from gren.data.dataset import (
     denormalize_to_uint8,
     normalize_uint8,
 )
-from gren.data.labels import LABELS
 from gren.data.nih import load_index
-from gren.errors import ImageReadError
 from nih_helpers import cached_index, make_nih_folder
 
 ENTRIES = [

@@ -1,7 +1,7 @@
 """Two-process DDP on CPU (gloo): the global inter-image graph's gradient, and the training loop.
 
 The processes are spawned with ``torch.multiprocessing`` and join the group through the same
-environment variables ``torchrun`` sets, so :func:`gren.train.dist.init_distributed` takes its
+environment variables ``torchrun`` sets, so :func:`gren.core.dist.init_distributed` takes its
 real path.
 """
 
@@ -15,8 +15,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from gren.core import dist
 from gren.methods import graph
-from gren.train import dist
 
 WORLD = 2
 

@@ -7,7 +7,7 @@ import json
 import logging
 
 from gren.cli import main
-from gren.data.labels import BOX_CLASSES
+from gren.core.labels import BOX_CLASSES
 
 
 def test_demo_quick_end_to_end_and_resume(tmp_path, capsys, caplog):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gren.data.labels import BOX_CLASSES, LABEL_INDEX, LABELS
+from gren.core.labels import BOX_CLASSES, LABEL_INDEX, LABELS
 from gren.eval.evaluate import eval_markdown, evaluate_predictions, read_eval, write_eval
 
 SIZE = 32
@@ -83,7 +83,7 @@ def test_loc_ids_restrict_boxes_but_not_auc():
 
 
 def test_wrong_map_shape_is_a_clear_error():
-    from gren.errors import GrenError
+    from gren.core.errors import GrenError
 
     with pytest.raises(GrenError, match="expected"):
         evaluate_predictions(lambda b: torch.zeros(len(b["image_id"]), 3, 2, 2), _items(), progress=False)
@@ -134,7 +134,7 @@ def test_evaluate_run_on_a_trained_run(tiny):
     heldout = evaluate_run(run, data=data, auc_images="heldout", progress=False, write=False)
     assert heldout["n_images_auc"] > heldout["n_images"] and heldout["n_boxes"] == result["n_boxes"]
 
-    from gren.errors import GrenError
+    from gren.core.errors import GrenError
     from gren.eval.evaluate import read_run_config
 
     with pytest.raises(GrenError, match="epoch_009"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.methods import METHODS, GridMILMethod
 from gren.methods.gren import GrenMethod
 from test_methods import build, fake_batch

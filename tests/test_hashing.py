@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import gren.hashing as hashing
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.hashing import (
     CPU_PATHS,
     PHASH_PATH_ENV,
@@ -194,7 +194,7 @@ def test_pil_list_input_any_mode():
     twelve_bit = (gray.astype(np.int64) * 4095 // 255).astype(np.uint16)
     sixteen = Image.fromarray(twelve_bit)
     assert sixteen.mode == "I;16"
-    from gren.data.io import pil_to_gray
+    from gren.core.imageio import pil_to_gray
 
     as_eight = pil_to_gray(sixteen)
     assert to_hex(phash([sixteen])[0]) == reference_hex(as_eight)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gren.data.io import (
+from gren.core.errors import ImageReadError
+from gren.core.imageio import (
     image_size,
     is_image_file,
     read_gray,
@@ -14,7 +15,6 @@ from gren.data.io import (
     read_mask,
     sixteen_bit_to_uint8,
 )
-from gren.errors import ImageReadError
 
 
 def _gradient(height=40, width=60) -> np.ndarray:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gren.paths import REPO_ROOT
+from gren.core.paths import REPO_ROOT
 
 
 def test_ruff_passes():

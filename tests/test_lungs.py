@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from gren.cli import main as gren_main
-from gren.errors import DataError, GrenError
+from gren.core.errors import DataError, GrenError
 from gren.lungs.classical import LUNG_OUTLINE, ClassicalSegmenter, outline_from_masks, prior_mask
 from gren.lungs.dice import lung_dice, summarize_dice
 from gren.lungs.folder import find_samples, load_pairs, read_mask

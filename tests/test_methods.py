@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from _train_fakes import FakeLesionDataset, make_item, small_config
+from gren.core.checkpoint import save_checkpoint
+from gren.core.errors import GrenError
+from gren.core.labels import LABELS
 from gren.data.dataset import collate
-from gren.data.labels import LABELS
-from gren.errors import GrenError
 from gren.methods import (
     METHODS,
     Localization,
@@ -26,7 +27,6 @@ from gren.methods import (
     method_defaults,
     register_method,
 )
-from gren.train.checkpoint import save_checkpoint
 from gren.train.config import resolve_config
 
 NAMES = sorted(METHODS)

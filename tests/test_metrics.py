@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.metrics import (
     accuracy_by_class,
     auc_by_label,

@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.models.backbone import build_backbone, gray_stem
 from gren.models.grid import GridHead
 from gren.models.tv import import_torchvision

@@ -11,9 +11,9 @@ import pytest
 
 from gren.cli import main as gren_main
 from gren.commands.data_check import format_report
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.errors import DataError, ImageReadError
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.data.nih import labels_to_matrix, load_index, read_bbox_list, read_data_entry
-from gren.errors import DataError, ImageReadError
 from nih_helpers import BBOX_HEADER, cached_index, make_nih_folder, write_image, write_text
 
 # ---------------------------------------------------------------- real data

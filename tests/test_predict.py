@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gren.data.labels import LABEL_INDEX, LABELS
-from gren.errors import ImageReadError
+from gren.core.errors import ImageReadError
+from gren.core.labels import LABEL_INDEX, LABELS
 from gren.eval.predict import cell_regions, predict_files, read_any_gray, reported_classes
 
 
@@ -145,8 +145,8 @@ def test_cli_predict_with_a_checkpoint(inputs, tmp_path):
     """The real path: a (randomly initialised) tiny checkpoint loaded by load_run, via the CLI."""
     from eval_helpers import TINY_OVERRIDES
     from gren.cli import main
+    from gren.core.checkpoint import save_checkpoint
     from gren.methods import build_method
-    from gren.train.checkpoint import save_checkpoint
     from gren.train.config import resolve_config
 
     config = resolve_config(None, TINY_OVERRIDES)

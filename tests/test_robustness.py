@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 
 from gren.cli import main
+from gren.core.errors import DataError
+from gren.core.imageio import read_gray, read_gray_resized
 from gren.data.cache import PreparedCache
-from gren.data.io import read_gray, read_gray_resized
 from gren.data.nih import load_index, scan_files
 from gren.data.prepare import source_stamp
 from gren.data.source import default_cache_dir, open_prepared, split_records
 from gren.data.splits import make_folds, read_fold_csv
-from gren.errors import DataError
 from nih_helpers import HEADER_2020, entry_line
 from robustness_helpers import make_dataset, snapshot, truncate
 
@@ -271,8 +271,8 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, caplog, command):
 
 
 def test_split_write_failure_names_the_file(tmp_path, monkeypatch):
+    from gren.core.errors import GrenError
     from gren.data import splits
-    from gren.errors import GrenError
 
     data = make_dataset(tmp_path / "data", n=12, size=40)
     folds = make_folds(load_index(data).records, "0.5_0.5", folds=2, seed=0)

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 from gren.cli import main
+from gren.core.checkpoint import load_checkpoint, save_checkpoint
+from gren.core.errors import GrenError, ImageReadError
+from gren.core.imageio import image_size, is_image_file, read_gray, read_gray_resized
+from gren.core.progress import Progress, format_duration
 from gren.data import prepare as prepare_module
 from gren.data.cache import PreparedCache
-from gren.data.io import image_size, is_image_file, read_gray, read_gray_resized
 from gren.data.nih import load_index
 from gren.data.prepare import prepare_cache
-from gren.errors import GrenError, ImageReadError
-from gren.progress import Progress, format_duration
-from gren.train.checkpoint import load_checkpoint, save_checkpoint
 from robustness_helpers import lung_mask, make_dataset, snapshot, tiny_tmpfs, truncate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_checkpoint_save_on_a_full_disk_faked(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
                            "file data/0: file write failed")
 
-    from gren.train import checkpoint as checkpoint_module
+    from gren.core import checkpoint as checkpoint_module
 
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from gren.cli import main as gren_main
+from gren.core.errors import DataError, GrenError
 from gren.data.splits import (
     make_folds,
     parse_protocol,
@@ -17,7 +18,6 @@ from gren.data.splits import (
     split_summary,
     write_fold_csv,
 )
-from gren.errors import DataError, GrenError
 from nih_helpers import cached_index
 
 

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from gren.cli import main as cli_main
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.errors import GrenError
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.data.synth import CaseSpec, FindingSpec, make_plan, render_case, synthesize
 from gren.data.synth.stats import BOX_STATS, LABEL_PREVALENCE
-from gren.errors import GrenError
 
 N = 60
 SIZE = 128

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from _train_fakes import FakeLesionDataset, small_config
-from gren.errors import GrenError
-from gren.train.checkpoint import load_checkpoint
+from gren.core.checkpoint import load_checkpoint
+from gren.core.errors import GrenError
 from gren.train.config import bundled_configs, resolve_config
 from gren.train.engine import TrainingData, fit
 from gren.train.sampler import MixedBatchSampler
@@ -33,7 +33,7 @@ def test_defaults_are_the_papers_schedule():
 def test_optimizer_choice():
     import torch
 
-    from gren.errors import GrenError
+    from gren.core.errors import GrenError
     from gren.train.engine import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]

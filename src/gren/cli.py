@@ -22,7 +22,7 @@ import sys
 
 import gren
 import gren.commands
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 
 log = logging.getLogger("gren")
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Logging levels for ``-q`` / default / ``-v`` / ``-vv``.
 
-    * ``-q``: warnings and errors only; no progress bars or progress lines (:mod:`gren.progress`
+    * ``-q``: warnings and errors only; no progress bars or progress lines (:mod:`gren.core.progress`
       reports at INFO);
     * default: INFO (what is done, counts, progress lines in batch logs);
     * ``-v``: DEBUG from gren's own modules (per-file details such as duplicate stems), INFO elsewhere;

@@ -2,7 +2,7 @@
 
 What ``imagehash.phash`` computes (imagehash 4.3.2 on Pillow 13), and how this module reproduces it:
 
-1. ``image.convert('L')``: done by :func:`gren.data.io.pil_to_gray` for PIL input (same luma formula;
+1. ``image.convert('L')``: done by :func:`gren.core.imageio.pil_to_gray` for PIL input (same luma formula;
    16-bit images are mapped to 8 bits by their bit depth, where imagehash would clip them at 255).
    Tensor / array input must already be uint8 grayscale.
 2. ``resize((32, 32), LANCZOS)``: Pillow's separable fixed-point resampling. Per input length the
@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 
 logger = logging.getLogger(__name__)
 
@@ -788,7 +788,7 @@ def _to_gray_tensor(item) -> torch.Tensor:
             raise TypeError(
                 f"cannot hash a {type(item).__name__}: expected a PIL image or a uint8 (H, W) array"
             )
-        from gren.data.io import pil_to_gray
+        from gren.core.imageio import pil_to_gray
 
         tensor = torch.from_numpy(pil_to_gray(item))
     if tensor.dtype != torch.uint8 or tensor.dim() != 2:
@@ -847,7 +847,7 @@ def phash(x, path: str | None = None) -> torch.Tensor:
 
     ``x``: a uint8 tensor or numpy array (B, H, W) (or (H, W) for one image) of grayscale pixels, or a
     sequence of PIL images (any mode and size; converted as ``convert('L')``, 16-bit images by their bit
-    depth as :func:`gren.data.io.pil_to_gray` does) and / or uint8 (H, W) arrays or tensors of any sizes.
+    depth as :func:`gren.core.imageio.pil_to_gray` does) and / or uint8 (H, W) arrays or tensors of any sizes.
     Returns a bool tensor (B, 64) in imagehash's bit order (row-major over the 8 x 8 low block,
     bit = coefficient > median), on the input tensor's device (CPU for arrays and PIL images).
 

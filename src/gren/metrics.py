@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.labels import BOX_CLASSES, LABELS
 
 IOU_THRESHOLDS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
 CELL_THRESHOLD = 0.5

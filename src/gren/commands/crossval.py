@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gren.errors import GrenError
+    from gren.core.errors import GrenError
     from gren.eval.crossval import TABLE_CSV, TABLE_MD, run_crossval, write_tables
 
     if args.table_only:

@@ -6,9 +6,9 @@ import argparse
 import json
 import logging
 
-from gren.data.labels import BOX_CLASSES, LABELS, NO_FINDING
+from gren.core.errors import DataError
+from gren.core.labels import BOX_CLASSES, LABELS, NO_FINDING
 from gren.data.nih import MIN_FILM_SIDE, load_index
-from gren.errors import DataError
 
 GROUP = "data"
 NAME = "check"

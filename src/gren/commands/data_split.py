@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from gren.core.errors import GrenError
 from gren.data.source import split_records
 from gren.data.splits import SPLIT_BY, make_folds, parse_protocol, split_summary, write_split
-from gren.errors import GrenError
 
 GROUP = "data"
 NAME = "split"

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from gren.errors import DataError
+from gren.core.errors import DataError
 from gren.lungs.segment import SPEC_HELP
 
 GROUP = "lungs"
@@ -31,9 +31,9 @@ def evaluate_skipping(segmenter, samples: list, batch_size: int, progress: bool 
     Samples go through ``evaluate_samples`` ``batch_size`` at a time; a batch that fails is redone one
     image at a time, so only the bad image is lost. Raises :class:`DataError` when none is readable.
     """
+    from gren.core.progress import progress as progress_bar
     from gren.lungs.dice import summarize_dice
     from gren.lungs.tools import evaluate_samples
-    from gren.progress import progress as progress_bar
 
     rows: list[dict] = []
     skipped: list[dict] = []

@@ -7,7 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from gren.errors import DataError, GrenError
+from gren.core.errors import DataError, GrenError
 from gren.lungs.segment import SPEC_HELP
 
 GROUP = "lungs"

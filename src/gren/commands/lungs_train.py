@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 
 GROUP = "lungs"
 NAME = "train"

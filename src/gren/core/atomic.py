@@ -36,6 +36,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
+def unique_temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new, empty temporary file beside ``path`` with a unique name (for writers that manage the replace)."""
+    path = Path(path)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    return Path(tmp_name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str = "w",
                  encoding: str | None = "utf-8") -> Path:
     """Call ``write(handle)`` on a temporary file and move it to ``path`` atomically; returns ``path``."""

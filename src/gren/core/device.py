@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 

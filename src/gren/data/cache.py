@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from gren.core.errors import DataError
+from gren.core.labels import LABELS
 from gren.data import cache_format as fmt
 from gren.data.dataset import normalize_uint8
-from gren.data.labels import LABELS
 from gren.data.prepare import prepare_cache
-from gren.errors import DataError
 
 __all__ = ["CacheDataset", "LungSafeAugment", "PreparedCache", "prepare_cache"]
 

@@ -21,14 +21,15 @@ Every ``.npy`` is a plain NumPy file, opened with ``np.load(path, mmap_mode="r")
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gren.errors import DataError
+from gren.core.atomic import atomic_path
+from gren.core.atomic import write_json_atomic as core_write_json_atomic
+from gren.core.errors import DataError
 
 FORMAT = "gren-prepared-cache"
 FORMAT_VERSION = 1
@@ -61,12 +62,7 @@ def row_shape(name: str, size: int) -> tuple[int, ...]:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    core_write_json_atomic(path, payload, indent=1, sort_keys=True)
 
 
 def read_meta(cache_dir: Path) -> dict[str, Any] | None:
@@ -86,9 +82,8 @@ def read_meta(cache_dir: Path) -> dict[str, Any] | None:
 
 def write_records(records: pd.DataFrame, path: Path) -> dict[str, str]:
     """Write the records table as CSV (tmp + replace); returns the column dtypes to restore it with."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    records.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        records.to_csv(tmp, index=False)
     return {column: _dtype_kind(records[column]) for column in records.columns}
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gren.data.io import read_gray_resized, read_mask
+from gren.core.errors import ImageReadError
+from gren.core.imageio import read_gray_resized, read_mask
 from gren.data.nih import DatasetIndex
-from gren.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class RawDataset(Dataset):
     ``size``: ``S``, the side of the returned square image in pixels (the aspect ratio is not kept;
     boxes scale by ``S / width`` and ``S / height``). ``image_ids``: restrict to these ids, in this
     order (default: all records). ``on_bad_image``: ``"error"`` raises
-    :class:`gren.errors.ImageReadError` naming the file; ``"skip"`` logs a warning once per file,
+    :class:`gren.core.errors.ImageReadError` naming the file; ``"skip"`` logs a warning once per file,
     counts it in :attr:`bad_images` (per worker process) and returns the next readable item in
     index order instead, so batch shapes stay fixed (``index`` then names the item returned).
     Lung masks come from ``records.mask_path`` (resized NEAREST); without one the item has zeros and

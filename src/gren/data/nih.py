@@ -17,7 +17,7 @@ not matter; width/height are the two columns starting at ``OriginalImage[Width``
 
 :func:`load_index` reads it all into a :class:`DatasetIndex`. Bad rows never stop the load: each is a
 :class:`Problem` (file, line, message) and is left out or repaired as the message says; with
-``strict=True`` any problem raises :class:`gren.errors.DataError` listing them.
+``strict=True`` any problem raises :class:`gren.core.errors.DataError` listing them.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gren.data.io import IMAGE_EXTENSIONS, image_size, is_image_file, read_gray
-from gren.data.labels import BOX_CLASSES, LABEL_INDEX, LABELS, NO_FINDING, canonical_label
-from gren.errors import DataError, ImageReadError
-from gren.progress import progress
+from gren.core.errors import DataError, ImageReadError
+from gren.core.imageio import IMAGE_EXTENSIONS, image_size, is_image_file, read_gray
+from gren.core.labels import BOX_CLASSES, LABEL_INDEX, LABELS, NO_FINDING, canonical_label
+from gren.core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -779,7 +779,7 @@ def load_index(
     """Read a data folder in the NIH layout into a :class:`DatasetIndex`.
 
     ``strict``: any problem (bad row, unreadable image skipped) raises :class:`DataError` listing them.
-    ``on_bad_image``: ``"error"`` raises :class:`gren.errors.ImageReadError` naming the first image
+    ``on_bad_image``: ``"error"`` raises :class:`gren.core.errors.ImageReadError` naming the first image
     whose header (or, with ``verify``, whose pixels) cannot be read; ``"skip"`` leaves such images out,
     each reported as a :class:`Problem` and counted in ``stats["unreadable"]``.
     ``verify``: decode every found image fully (slow; catches truncated files) instead of reading

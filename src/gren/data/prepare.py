@@ -2,7 +2,7 @@
 
 :func:`prepare_cache` writes the format described in :mod:`gren.data.cache_format`:
 
-* each image is decoded and resized once to ``S x S`` uint8 (:func:`gren.data.io.read_gray_resized`,
+* each image is decoded and resized once to ``S x S`` uint8 (:func:`gren.core.imageio.read_gray_resized`,
   the same antialiased resize that :class:`gren.data.dataset.RawDataset` applies per item);
 * its lung masks at ``S x S``: the dataset's own ``masks/<stem>.png`` (NEAREST-resized) when the lungs
   spec allows it and the file is there, else a segmenter (``classical`` or ``unet:PATH``);
@@ -44,11 +44,12 @@ import numpy as np
 import pandas as pd
 
 import gren
+from gren.core.atomic import atomic_path
+from gren.core.errors import DataError, GrenError
+from gren.core.imageio import is_image_file, read_gray_resized, read_mask
+from gren.core.labels import LABEL_INDEX, LABELS
+from gren.core.progress import progress as progress_bar
 from gren.data import cache_format as fmt
-from gren.data.io import is_image_file, read_gray_resized, read_mask
-from gren.data.labels import LABEL_INDEX, LABELS
-from gren.errors import DataError, GrenError
-from gren.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -490,10 +491,8 @@ def _scaled_boxes(index_boxes: pd.DataFrame, records: pd.DataFrame, size: int
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
-    os.replace(tmp, path)
 
 
 def _finalise(out_dir: Path, work: Path, index: Any, records: pd.DataFrame, markers: list[dict[str, Any]],

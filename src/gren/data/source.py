@@ -13,10 +13,10 @@ import os
 import re
 from pathlib import Path
 
+from gren.core.errors import DataError
 from gren.data import cache_format as fmt
 from gren.data.cache import PreparedCache
 from gren.data.prepare import LungsSpec, prepare_cache
-from gren.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ def _cached_failures(data_dir: Path) -> tuple[set[str], Path] | None:
 
 def _undecodable(records, progress: bool = True) -> set[str]:
     """Image ids of ``records`` whose file cannot be decoded (what prepare skips), found by decoding each."""
-    from gren.data.io import read_gray
-    from gren.errors import ImageReadError
-    from gren.progress import progress as progress_bar
+    from gren.core.errors import ImageReadError
+    from gren.core.imageio import read_gray
+    from gren.core.progress import progress as progress_bar
 
     bad = set()
     rows = list(zip(records["image_id"].astype(str), records["path"].astype(str)))

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gren.errors import DataError, GrenError
+from gren.core.atomic import atomic_path
+from gren.core.errors import DataError, GrenError
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,8 @@ def write_fold_csv(fold: pd.DataFrame, path: str | os.PathLike) -> None:
     frame["annotated"] = np.where(frame["annotated"].astype(bool), "yes", "no")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    frame.to_csv(partial, index=False)
-    os.replace(partial, path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as partial:  # atomic: a reader never sees half a file
+        frame.to_csv(partial, index=False)
 
 
 def read_fold_csv(path: str | os.PathLike) -> pd.DataFrame:

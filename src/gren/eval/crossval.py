@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.eval.evaluate import EVAL_JSON, evaluate_run, read_eval
 from gren.eval.table import csv_table, markdown_table
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 
 log = logging.getLogger(__name__)
 

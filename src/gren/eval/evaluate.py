@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from gren.core.atomic import write_text_atomic
 from gren.core.device import select_device
-from gren.data.labels import BOX_CLASSES, LABELS
-from gren.errors import GrenError
+from gren.core.errors import GrenError
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.methods.protocol import Localization
 from gren.metrics import (
     CELL_THRESHOLD,

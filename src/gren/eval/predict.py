@@ -16,7 +16,7 @@ truth boxes in green. Reported classes: those whose image probability is at leas
 have a positive cell. Regions are the 8-connected components of positive cells, as boxes in the
 image's own pixels (cell ``(i, j)`` spans ``[j W / w, (j + 1) W / w) x [i H / h, (i + 1) H / h)``).
 
-Inputs: PNG / JPEG of any size and depth (:func:`gren.data.io.read_gray`), and DICOM with the
+Inputs: PNG / JPEG of any size and depth (:func:`gren.core.imageio.read_gray`), and DICOM with the
 optional ``pydicom`` (``pip install 'gren[dicom]'``): modality LUT (rescale slope / intercept), the
 file's VOI window (else the 0.5-99.5 percentile range) to 8 bits, MONOCHROME1 inverted.
 """
@@ -36,9 +36,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from gren.data.io import DICOM_SUFFIXES, is_dicom, read_dicom_gray, read_gray  # noqa: F401 - re-exported
-from gren.data.labels import LABELS
-from gren.errors import GrenError, ImageReadError
+from gren.core.errors import GrenError, ImageReadError
+from gren.core.imageio import DICOM_SUFFIXES, is_dicom, read_dicom_gray, read_gray  # noqa: F401 - re-exported
+from gren.core.labels import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ GREEN = (40, 220, 40)
 
 def read_any_gray(path: str | os.PathLike) -> np.ndarray:
     """uint8 (H, W) from a PNG / JPEG (any depth, colour -> luma) or a DICOM file
-    (:func:`gren.data.io.read_gray`, which reads DICOM by suffix or by its ``DICM`` magic)."""
+    (:func:`gren.core.imageio.read_gray`, which reads DICOM by suffix or by its ``DICM`` magic)."""
     if not Path(path).is_file():
         raise ImageReadError(f"{path}: file not found")
     return read_gray(path)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gren.data.labels import LABELS, NO_FINDING
-from gren.errors import GrenError
+from gren.core.errors import GrenError
+from gren.core.labels import LABELS, NO_FINDING
 from gren.metrics import grid_box_iou
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.metrics import IOU_THRESHOLDS, threshold_key
 
 Results = Mapping[str, Sequence[dict]]

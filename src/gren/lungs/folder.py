@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gren.data.io import read_gray
-from gren.data.io import read_mask as read_mask_file
-from gren.errors import DataError
+from gren.core.errors import DataError
+from gren.core.imageio import IMAGE_EXTENSIONS, read_gray
+from gren.core.imageio import read_mask as read_mask_file
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)  # the one list of image suffixes (gren.core.imageio)
 
 
 @dataclass(frozen=True)

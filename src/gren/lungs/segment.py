@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 
 SPEC_HELP = "classical (no weights) or unet:PATH (a checkpoint written by `gren lungs train`)"
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.lungs.dice import lung_dice, summarize_dice
 from gren.lungs.folder import LungSample, read_gray, read_mask
 

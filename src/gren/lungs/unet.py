@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from gren.errors import GrenError
+from gren.core.atomic import atomic_path
+from gren.core.errors import GrenError
 from gren.lungs.classical import largest_component, prior_mask
 
 log = logging.getLogger(__name__)
@@ -220,15 +220,9 @@ def train_unet(images: list[np.ndarray], masks: list[np.ndarray], *, size: int =
 def save_checkpoint(path: str | Path, model: LungUNet, config: dict) -> Path:
     """Write ``{"config": dict, "state_dict": tensors}`` atomically (temporary file + os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"config": dict(config), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.methods.maps import class_activation_maps, lse_pool, minmax_normalize
 from gren.methods.protocol import Localization, Method
 from gren.methods.registry import register_method

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from gren.errors import GrenError
+from gren.core import dist
+from gren.core.errors import GrenError
 from gren.methods import graph
 from gren.methods.grid_mil import GridMILMethod
 from gren.methods.registry import register_method
-from gren.train import dist
 
 
 class GrenMethod(GridMILMethod):

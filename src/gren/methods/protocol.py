@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from gren.data.labels import LABELS
+from gren.core.labels import LABELS
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.methods.protocol import Method, merged_defaults
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def load_run(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Method
     Raises:
         GrenError: no checkpoint there, an unreadable one, or weights that do not fit the method.
     """
-    from gren.train.checkpoint import find_checkpoint, load_checkpoint
+    from gren.core.checkpoint import find_checkpoint, load_checkpoint
 
     checkpoint_path = find_checkpoint(Path(path))
     checkpoint = load_checkpoint(checkpoint_path, map_location=map_location)

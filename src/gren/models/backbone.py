@@ -14,7 +14,7 @@ Weights (config ``model.weights``):
 
 * ``none``: random initialisation (default; logged plainly),
 * ``imagenet``: the torchvision ``IMAGENET1K_V1`` weights (needs them in the torch hub cache or
-  internet; offline a :class:`~gren.errors.GrenError` says what to do instead),
+  internet; offline a :class:`~gren.core.errors.GrenError` says what to do instead),
 * a file path: a ``state_dict`` saved with ``torch.save`` (a full torchvision ResNet's, with an RGB
   or one-channel ``conv1``, ``fc.*`` ignored; or one of this backbone's own keys).
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.models.tv import import_torchvision
 
 torchvision = import_torchvision()

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from gren.errors import GrenError
+from gren.core.atomic import write_text_atomic
+from gren.core.errors import GrenError
 
 
 def bundled_configs() -> list[str]:
@@ -222,7 +223,4 @@ def resolve_config(config_file: str | os.PathLike | None = None, overrides: Iter
 
 def save_config(config: dict, path: str | os.PathLike) -> None:
     """Write ``config`` as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))

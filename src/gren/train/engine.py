@@ -46,13 +46,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from gren.core import dist
 from gren.core.atomic import write_text_atomic
+from gren.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.core.device import move_to, select_device
-from gren.errors import GrenError
+from gren.core.errors import GrenError
 from gren.methods import Method, Stage, TrainContext, build_method, method_class
 from gren.methods.protocol import deep_update
-from gren.train import dist
-from gren.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.train.config import default_config, load_yaml, resolve_config, save_config
 from gren.train.sampler import MixedBatchSampler
 

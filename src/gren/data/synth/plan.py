@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gren.data.labels import BOX_CLASSES
+from gren.core.labels import BOX_CLASSES
 from gren.data.synth.render import CaseSpec, FindingSpec, random_finding
 from gren.data.synth.stats import AGE_MEAN_STD, BOX_STATS, LABEL_PREVALENCE, MALE_SHARE, VIEW_PA_SHARE
 

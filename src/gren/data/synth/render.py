@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.labels import BOX_CLASSES, LABELS
 from gren.data.synth.anatomy import SIDES, draw_anatomy, sample_film, sample_patient_anatomy
 from gren.data.synth.lesions import MODIFIERS, RENDERERS, LesionContext
 from gren.data.synth.raster import Canvas, smooth_noise

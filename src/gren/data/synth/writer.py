@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gren.data.labels import BOX_CLASSES, LABELS
+from gren.core.errors import GrenError
+from gren.core.labels import BOX_CLASSES, LABELS
+from gren.core.progress import progress as progress_bar
 from gren.data.synth.plan import IMAGE_STREAM, PATIENT_STREAM, ImagePlan, csv_labels, make_plan
 from gren.data.synth.render import render_case
-from gren.errors import GrenError
-from gren.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

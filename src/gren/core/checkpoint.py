@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from gren.errors import GrenError
+from gren.core.atomic import unique_temp_path
+from gren.core.errors import GrenError
 
 CHECKPOINT_FORMAT = 1
 
@@ -91,10 +92,11 @@ def save_checkpoint(path: str | os.PathLike, **contents) -> None:
     file is removed and an existing checkpoint at ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # replaced by a unique name once the folder exists
     needed = _payload_bytes(contents)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = unique_temp_path(path)
         torch.save({"format": CHECKPOINT_FORMAT, **contents}, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:

@@ -29,7 +29,7 @@ bit-exactly) is defined on the stored pixels, and because NIH PNGs and DICOM-der
 EXIF. A JPEG whose orientation tag says it should be rotated is logged (once per process, with the
 file; every further one at debug level).
 
-Unreadable files (not an image, truncated, corrupt) raise :class:`gren.errors.ImageReadError`
+Unreadable files (not an image, truncated, corrupt) raise :class:`gren.core.errors.ImageReadError`
 naming the file. Pillow's global ``LOAD_TRUNCATED_IMAGES`` is left alone (truncated files are errors).
 """
 
@@ -42,14 +42,14 @@ import threading
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from gren.errors import ImageReadError
+from gren.core.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 """Suffixes (lower-case) of DICOM files; read with the optional pydicom (``gren[dicom]``)."""
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
 """Suffixes (compared lower-case) of the files taken for images."""
 
 DICOM_EXTRA_HINT = "install it with `pip install 'gren[dicom]'` (or `pip install pydicom`)"

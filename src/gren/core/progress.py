@@ -7,7 +7,7 @@ One helper, :func:`progress`, used by every long loop (prepare's stages, trainin
   (default :data:`DEFAULT_INTERVAL_S` = 30, or ``$GREN_PROGRESS_INTERVAL``) and one at the end:
   ``prepare: 1200/2220 img (54%), 13.8 img/s, 1m14s left``.
 
-Both go through the ``logging`` level of the logger passed in (``gren.progress`` by default): when
+Both go through the ``logging`` level of the logger passed in (``gren.core.progress`` by default): when
 that logger does not emit INFO (``gren -q``), there is no bar and no line. ``-v`` / ``-vv`` need
 nothing here (they only lower the level). ``$GREN_PROGRESS=bar|log|off`` forces a mode.
 
@@ -27,7 +27,7 @@ DEFAULT_INTERVAL_S = 30.0
 INTERVAL_ENV = "GREN_PROGRESS_INTERVAL"
 MODE_ENV = "GREN_PROGRESS"
 
-_log = logging.getLogger("gren.progress")
+_log = logging.getLogger("gren.core.progress")
 
 
 def format_duration(seconds: float) -> str:
