@@ -85,10 +85,12 @@ def _base_name(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def _create(timm, name: str, output_stride: int, **kwargs) -> tuple[nn.Module, bool]:
-    """``create_model(name, ..., output_stride=s)``, or without ``output_stride`` where the model refuses
-    it; returns the model and whether ``output_stride`` was passed. Raises :class:`GrenError` on a
-    stride the model cannot give."""
+def _create(timm, name: str, output_stride: int | None, **kwargs) -> tuple[nn.Module, bool]:
+    """``create_model(name, in_chans=1, output_stride=s, **kwargs)``, or without ``output_stride`` where the
+    model refuses it (or ``s`` is ``None``); returns the model and whether ``output_stride`` was passed.
+    The caller checks the stride it got."""
+    if output_stride is None:
+        return timm.create_model(name, in_chans=1, **kwargs), False
     try:
         model = timm.create_model(name, in_chans=1, output_stride=output_stride, **kwargs)
         passed = True
@@ -164,7 +166,7 @@ def load_timm_state_dict(body: nn.Module, full: nn.Module, state: dict[str, torc
     body_keys = list(body.state_dict())
     to_full = _feature_to_full_names(body_keys, expected)
     state = {to_full.get(key, key) if key not in expected else key: value for key, value in state.items()}
-    first_conv = full.pretrained_cfg.get("first_conv") or ()
+    first_conv = getattr(full, "pretrained_cfg", {}).get("first_conv") or ()
     for conv in [first_conv] if isinstance(first_conv, str) else list(first_conv):
         key = f"{conv}.weight"
         if key in state and key in expected and state[key].ndim == 4 and state[key].shape[1] != expected[key].shape[1]:
@@ -235,8 +237,9 @@ def build_timm_backbone(name: str, weights: str | os.PathLike | None = "none", o
         else:
             path = Path(spec).expanduser()
         state = read_state_dict(path)
-        stride_kw = {"output_stride": output_stride} if stride_passed else {}
-        full = timm.create_model(name, in_chans=1, pretrained=False, **stride_kw)
+        # The classification model, for the names and shapes a file may hold (dilation changes no shape;
+        # some classification models, e.g. MobileNetV3, refuse output_stride where their *Features accept it).
+        full, _ = _create(timm, name, output_stride if stride_passed else None, pretrained=False)
         if is_efficientnet_pytorch(state):
             depths = [len(stage) for stage in getattr(full, "blocks", ())]
             if not depths or not all(isinstance(stage, nn.Sequential) for stage in full.blocks):
