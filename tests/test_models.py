@@ -103,3 +103,47 @@ def test_torchvision_imports_with_or_without_its_compiled_operators():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() in ("compiled", "python-only")
+
+
+def test_resnet_normalization_is_identity_on_grens_scale():
+    """ResNets train on GREN's scale as before: ``auto`` is the identity, forward unchanged."""
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", "none", 32).eval()
+    assert backbone.input_normalization.is_identity and backbone.input_normalization.name == "gren"
+    images = torch.randn(1, 1, 64, 64).clamp(-2, 2)
+    with torch.no_grad():
+        manual = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+        manual = backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(manual))))
+        torch.testing.assert_close(backbone(images), manual)
+    imagenet = build_backbone("resnet18", "none", 32, normalization="imagenet").eval()
+    imagenet.load_state_dict(backbone.state_dict())
+    norm = imagenet.input_normalization
+    assert norm.mean == pytest.approx(0.449) and norm.std == pytest.approx(0.226)
+    with torch.no_grad():
+        torch.testing.assert_close(imagenet(images), backbone(((images * 0.25 + 0.5) - norm.mean) / norm.std),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(GrenError, match="needs a timm backbone"):
+        build_backbone("resnet18", "none", 32, normalization="timm")
+    with pytest.raises(GrenError, match="unknown model.normalization 'zscore'"):
+        build_backbone("resnet18", "none", 32, normalization="zscore")
+
+
+def test_normalization_constants_match_the_data_pipeline():
+    from gren.data.dataset import NORM_MEAN, NORM_STD, normalize_uint8
+    from gren.models.normalization import GREN_MEAN, GREN_STD, XRV
+
+    assert (GREN_MEAN, GREN_STD) == (NORM_MEAN, NORM_STD)
+    pixels = torch.tensor([0, 64, 255], dtype=torch.uint8)
+    xrv_scale = (pixels.float() / 255 * 2 - 1) * 1024  # torchxrayvision.datasets.normalize(img, 255)
+    torch.testing.assert_close(XRV(normalize_uint8(pixels)), xrv_scale)
+
+
+def test_resnet_weight_mismatch_names_keys_and_counts(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    del state["layer4.1.bn2.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(GrenError, match=r"1 missing \(layer4.1.bn2.weight\); 1 unexpected \(extra.weight\); "
+                                        r"1 of another shape \(layer1.0.conv1.weight \(64, 64, 1, 1\) != \(64, 64, 3, 3\)\)"):
+        build_backbone("resnet18", str(tmp_path / "bad.pt"))

@@ -17,3 +17,13 @@ def shared_data_dir() -> Path:
     if env:
         return Path(env)
     return REPO_ROOT.parent / "shared" / "data"
+
+
+def user_cache_dir() -> Path:
+    """The user's gren cache folder: ``$GREN_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/gren``
+    (``~/.cache/gren``). Prepared caches of read-only folders and converted weights go below it."""
+    root = os.environ.get("GREN_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gren"

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from gren.core.errors import DataError
+from gren.core.paths import user_cache_dir
 from gren.data import cache_format as fmt
 from gren.data.cache import PreparedCache
 from gren.data.prepare import LungsSpec, prepare_cache
@@ -40,9 +41,8 @@ def _writable(folder: Path) -> bool:
 
 
 def user_cache_root() -> Path:
-    """``$XDG_CACHE_HOME/gren`` (``~/.cache/gren`` when unset): where caches of read-only folders go."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gren"
+    """:func:`gren.core.paths.user_cache_dir`: where caches of read-only folders go."""
+    return user_cache_dir()
 
 
 def default_cache_dir(data_dir: str | os.PathLike, size: int, lungs: str) -> Path:

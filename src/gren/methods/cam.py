@@ -36,7 +36,7 @@ from gren.core.errors import GrenError
 from gren.methods.maps import class_activation_maps, lse_pool, minmax_normalize
 from gren.methods.protocol import Localization, Method
 from gren.methods.registry import register_method
-from gren.models.backbone import build_backbone
+from gren.models.backbone import backbone_from_config
 
 TRANSITIONS = ("conv", "identity")
 
@@ -73,7 +73,7 @@ class WangCAM(Method):
             raise GrenError(f"cam.transition must be one of {', '.join(TRANSITIONS)}, got {cam_cfg['transition']!r}")
         if not 0.0 <= float(cam_cfg["threshold"]) < 1.0:
             raise GrenError(f"cam.threshold must be in [0, 1), got {cam_cfg['threshold']}")
-        self.backbone = build_backbone(model_cfg["backbone"], model_cfg["weights"], int(model_cfg["output_stride"]))
+        self.backbone = backbone_from_config(model_cfg)
         channels = self.backbone.out_channels
         if cam_cfg["transition"] == "conv":
             width = int(cam_cfg["channels"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gren.methods.losses import LocalizationLoss, box_targets
 from gren.methods.protocol import Localization, Method, total_of
 from gren.metrics import image_scores
-from gren.models.backbone import build_backbone
+from gren.models.backbone import backbone_from_config
 from gren.models.grid import GridHead
 
 
@@ -41,7 +41,7 @@ class GridMILMethod(Method):
     def __init__(self, config: dict):
         super().__init__(config)
         model_cfg, loss_cfg = config["model"], config["loss"]
-        self.backbone = build_backbone(model_cfg["backbone"], model_cfg["weights"], int(model_cfg["output_stride"]))
+        self.backbone = backbone_from_config(model_cfg)
         self.head = GridHead(self.backbone.out_channels, int(model_cfg["num_classes"]), int(model_cfg["head_hidden"]),
                              int(model_cfg["upsample"]), float(model_cfg["prior"]))
         self.num_classes = int(model_cfg["num_classes"])

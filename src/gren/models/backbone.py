@@ -1,16 +1,24 @@
-"""torchvision ResNet feature extractors with a one-channel (grayscale) stem.
+"""Backbones: torchvision ResNets with a one-channel (grayscale) stem, and any timm feature extractor.
 
-``build_backbone(name, weights, output_stride)`` returns a :class:`ResNetBackbone`: the ResNet
-without its global pool and fc, mapping images ``(B, 1, S, S)`` to features
-``(B, C, S / stride, S / stride)`` with ``C = 512`` (resnet18/34) or ``2048`` (resnet50).
+``build_backbone(name, weights, output_stride, normalization="auto")`` returns an ``nn.Module`` mapping
+images ``(B, 1, S, S)`` on GREN's scale (:func:`gren.data.dataset.normalize_uint8`, values in [-2, 2])
+to features ``(B, C, S / stride, S / stride)``, with attributes ``out_channels`` (C), ``stride`` and
+``input_normalization`` (:class:`~gren.models.normalization.InputNormalization`, applied first in
+``forward``). Names:
 
-Grayscale is handled once, in the stem: the pretrained ``conv1`` weights ``(64, 3, 7, 7)`` are
-summed over the RGB axis into a ``(64, 1, 7, 7)`` convolution. That is exactly what the RGB network
-computes on a gray image copied into three channels, at a third of the stem's cost and without
-copying the input. (The per-channel ImageNet means/stds are not reproduced: inputs are normalised
-once by :func:`gren.data.dataset.normalize_uint8`, and fine-tuning absorbs the difference.)
+* ``resnet18``, ``resnet34``, ``resnet50``: :class:`ResNetBackbone` (below), ``C = 512`` / ``2048``;
+* ``timm:NAME``: :class:`~gren.models.timm_backbone.TimmBackbone`, any timm model with
+  ``features_only`` support at the requested stride (see :mod:`gren.models.timm_backbone`).
 
-Weights (config ``model.weights``):
+The ResNets: the torchvision ResNet without its global pool and fc. Grayscale is handled once, in
+the stem: the pretrained ``conv1`` weights ``(64, 3, 7, 7)`` are summed over the RGB axis into a
+``(64, 1, 7, 7)`` convolution. That is exactly what the RGB network computes on a gray image copied
+into three channels, at a third of the stem's cost and without copying the input. Their input
+normalisation defaults to ``gren`` (identity): they train on GREN's scale as they always have
+(ImageNet's per-channel means/stds are not reproduced; fine-tuning absorbs the difference);
+``model.normalization=imagenet`` gives ImageNet's statistics instead (docs/backbones.md).
+
+Weights (config ``model.weights``), ResNets:
 
 * ``none``: random initialisation (default; logged plainly),
 * ``imagenet``: the torchvision ``IMAGENET1K_V1`` weights (needs them in the torch hub cache or
@@ -21,7 +29,8 @@ Weights (config ``model.weights``):
 ``output_stride`` 32 is the paper's cut (512 px -> 16 x 16 cells). 16 keeps a useful grid at small
 CPU sizes (128 px -> 8 x 8): ``layer4`` runs at stride 1, dilated (rate 2) for Bottleneck ResNets
 (torchvision's ``replace_stride_with_dilation``) and undilated for BasicBlock ResNets
-(torchvision's BasicBlock does not support dilation).
+(torchvision's BasicBlock does not support dilation). timm backbones also take 8 where the model
+dilates.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ import torch
 from torch import nn
 
 from gren.core.errors import GrenError
+from gren.models.normalization import GREN, InputNormalization, named_normalization
 from gren.models.tv import import_torchvision
+from gren.models.weights import mismatch_report, read_state_dict
 
 torchvision = import_torchvision()
 
@@ -46,15 +57,19 @@ _RESNETS = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights, 2048),
 }
 BACKBONES: tuple[str, ...] = tuple(_RESNETS)
+"""The torchvision names; any ``timm:NAME`` is accepted as well."""
+TIMM_PREFIX = "timm:"
 
 
 class ResNetBackbone(nn.Module):
     """A ResNet trunk: ``(B, 1, S, S)`` images -> ``(B, out_channels, S / stride, S / stride)`` features.
 
-    Attributes: ``out_channels`` (C), ``stride`` (input pixels per feature cell, 32 or 16).
+    Attributes: ``out_channels`` (C), ``stride`` (input pixels per feature cell, 32 or 16),
+    ``input_normalization`` (applied first in :meth:`forward`; identity by default).
     """
 
-    def __init__(self, resnet: torchvision.models.ResNet, out_channels: int, stride: int):
+    def __init__(self, resnet: torchvision.models.ResNet, out_channels: int, stride: int,
+                 normalization: InputNormalization = GREN):
         super().__init__()
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
@@ -66,10 +81,11 @@ class ResNetBackbone(nn.Module):
         self.layer4 = resnet.layer4
         self.out_channels = out_channels
         self.stride = stride
+        self.input_normalization = normalization
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images (B, 1, S, S)`` -> features ``(B, C, ceil(S / stride), ceil(S / stride))``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        """``images (B, 1, S, S)`` on GREN's scale -> features ``(B, C, ceil(S / stride), ceil(S / stride))``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.input_normalization(images)))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
@@ -93,42 +109,30 @@ def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise GrenError(f"backbone weights file {path} not found (model.weights: none, imagenet or a file path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise GrenError(f"cannot read backbone weights {path}: {err}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise GrenError(f"backbone weights {path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-    # Tolerate the usual prefixes (DataParallel "module.", our own "backbone.").
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ("module.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
-    return cleaned
-
-
-def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "none", output_stride: int = 32) -> ResNetBackbone:
-    """A grayscale ResNet trunk.
+def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "none", output_stride: int = 32,
+                   normalization: str = "auto") -> nn.Module:
+    """A grayscale backbone: ``(B, 1, S, S)`` -> ``(B, out_channels, S / stride, S / stride)``.
 
     Args:
-        name: ``resnet18``, ``resnet34`` or ``resnet50``.
+        name: ``resnet18``, ``resnet34``, ``resnet50`` or ``timm:NAME``.
         weights: ``none`` / ``None`` (random init), ``imagenet``, or a path to a state_dict file.
-        output_stride: 32 (the paper) or 16 (``layer4`` at stride 1).
+        output_stride: 32 (the paper) or 16 (``layer4`` at stride 1); timm models also 8 where they dilate.
+        normalization: ``model.normalization``: ``auto`` (the backbone's own: ``gren`` for the ResNets,
+            ``timm`` for timm models), ``gren``, ``imagenet``, ``timm`` or ``xrv``
+            (:mod:`gren.models.normalization`).
 
     Raises:
         GrenError: unknown name or stride, unreadable weights file, ImageNet weights unavailable offline.
     """
+    if str(name).startswith(TIMM_PREFIX):
+        from gren.models.timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(str(name)[len(TIMM_PREFIX):], weights, output_stride, normalization)
     if name not in _RESNETS:
-        raise GrenError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise GrenError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:NAME")
     if output_stride not in (16, 32):
-        raise GrenError(f"model.output_stride must be 32 or 16, got {output_stride!r}")
+        raise GrenError(f"model.output_stride must be 32 or 16 for {name}, got {output_stride!r}")
+    norm = named_normalization(normalization, GREN)
     factory, _, channels = _RESNETS[name]
     dilate = output_stride == 16 and name == "resnet50"
     resnet = factory(weights=None, replace_stride_with_dilation=[False, False, dilate])
@@ -140,22 +144,22 @@ def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "
     if spec.lower() == "none":
         log.info("backbone %s: random initialisation (no pretrained weights; model.weights=none)", name)
     else:
-        state = _imagenet_state_dict(name) if spec.lower() == "imagenet" else _file_state_dict(Path(spec).expanduser())
+        state = _imagenet_state_dict(name) if spec.lower() == "imagenet" else read_state_dict(spec)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         if "conv1.weight" in state:
             state["conv1.weight"] = gray_stem(state["conv1.weight"])
-        try:
-            missing, unexpected = resnet.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise GrenError(f"backbone weights {spec} do not fit {name}: {str(err).splitlines()[-1].strip()}") from None
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise GrenError(
-                f"backbone weights {spec} do not fit {name}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
+        expected = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong_shape = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+                       for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or wrong_shape:
+            raise GrenError(mismatch_report(spec, name, missing, unexpected, wrong_shape))
+        resnet.load_state_dict(state, strict=False)  # strict but for fc.*, checked above
         log.info("backbone %s: weights from %s (RGB stem summed to one channel)", name, spec)
-    return ResNetBackbone(resnet, channels, output_stride)
+    if not norm.is_identity:
+        log.info("backbone %s: input normalisation %s", name, norm.describe())
+    return ResNetBackbone(resnet, channels, output_stride, norm)
 
 
 def _undo_layer4_stride(resnet: torchvision.models.ResNet) -> None:
@@ -164,3 +168,10 @@ def _undo_layer4_stride(resnet: torchvision.models.ResNet) -> None:
     block.conv1.stride = (1, 1)
     if block.downsample is not None:
         block.downsample[0].stride = (1, 1)
+
+
+def backbone_from_config(model_cfg: dict) -> nn.Module:
+    """:func:`build_backbone` from a resolved config's ``model`` section (``backbone, weights, output_stride,
+    normalization``): the one way every method builds its backbone."""
+    return build_backbone(model_cfg["backbone"], model_cfg["weights"], int(model_cfg["output_stride"]),
+                          normalization=str(model_cfg.get("normalization", "auto")))

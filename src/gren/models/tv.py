@@ -1,4 +1,4 @@
-"""Import torchvision, also where its compiled operators cannot load.
+"""Import torchvision (also where its compiled operators cannot load) and timm, in one place.
 
 GREN uses only torchvision's pure-Python model definitions (ResNets) and weight enums, never its
 compiled operators (``nms``, ``roi_align``...). A CPU-only PyTorch beside a CUDA-built torchvision
@@ -10,6 +10,10 @@ in its fake-kernel registrations with ``operator torchvision::nms does not exist
 operator schemas torchvision registers fake kernels for unconditionally (``nms``, ``qnms``), so the
 import succeeds and the models work. Calling those operators still fails, with torchvision's own
 "Couldn't load custom C++ ops" message. Where ``_C`` loads, nothing is changed.
+
+timm imports torchvision, so the same failure hits ``import timm``: :func:`import_timm` is the one
+way GREN imports timm; it calls :func:`import_torchvision` first, and turns a missing timm into a
+:class:`~gren.core.errors.GrenError` naming the pip command. Neither import touches the network.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from gren.core.errors import GrenError
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +66,22 @@ def import_torchvision() -> ModuleType:
     import torchvision
 
     return torchvision
+
+
+def import_timm() -> ModuleType:
+    """``import timm`` after :func:`import_torchvision` (timm imports torchvision).
+
+    Raises:
+        GrenError: timm is not installed (it is a dependency of gren; older installs may lack it).
+    """
+    import_torchvision()
+    try:
+        import timm
+    except ModuleNotFoundError as err:
+        if err.name != "timm":
+            raise
+        raise GrenError(
+            "timm backbones (model.backbone=timm:NAME) need the timm package: pip install 'timm>=1.0' "
+            "(or reinstall gren: pip install -e .)"
+        ) from None
+    return timm
