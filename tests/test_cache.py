@@ -28,12 +28,8 @@ from gren.data.dataset import collate, normalize_uint8
 from gren.data.nih import load_index
 from gren.data.prepare import STALL_AFTER_CHUNKS_ENV
 from gren.data.source import open_prepared
-
-# prepare needs the lung segmenter and the lung hashes
-pytest.importorskip("gren.lungs.segment")
-regions = pytest.importorskip("gren.lungs.regions")
-lung_hashes, lung_crops = regions.lung_hashes, regions.lung_crops
-phash = pytest.importorskip("gren.hashing").phash
+from gren.hashing import phash
+from gren.lungs.regions import lung_crops, lung_hashes
 
 SIZE = 32
 CHUNK = 2

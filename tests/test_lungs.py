@@ -82,7 +82,7 @@ def test_classical_on_synthetic_chest(shape, shift):
 
 
 def test_classical_on_synth_generator_films():
-    render = pytest.importorskip("gren.data.synth.render")
+    from gren.data.synth import render
     segmenter = ClassicalSegmenter()
     scores = []
     for seed in range(3):

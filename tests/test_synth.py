@@ -112,7 +112,7 @@ def test_same_schema_as_the_real_files(dataset, nih_dir):
 
 
 def test_loads_with_the_project_index(dataset):
-    nih = pytest.importorskip("gren.data.nih")
+    from gren.data import nih
     out, summary = dataset
     index = nih.load_index(out)
     assert len(index.records) == N and not index.missing and not index.problems

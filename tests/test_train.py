@@ -120,16 +120,32 @@ def _data(n=12, n_annotated=4):
     return TrainingData(dataset, dataset.annotated, dataset.unannotated)
 
 
+class AugmentedFakes(FakeLesionDataset):
+    """The fake lesions through the lung-safe augmentation, which draws from torch's global RNG (workers=0)."""
+
+    def __getitem__(self, index: int) -> dict:
+        from gren.data.cache import LungSafeAugment
+
+        item = dict(super().__getitem__(index))
+        item["image"], item["lung_masks"], item["boxes"], item["box_labels"] = LungSafeAugment(min_scale=0.7)(
+            item["image"], item["lung_masks"], item["boxes"], item["box_labels"])
+        return item
+
+
 def test_resume_is_bit_exact(tmp_path):
+    """Killed after epoch 1 and resumed: the same weights and losses, with a learning-rate schedule that steps
+    between the two halves and an augmentation that draws from the RNG (both must be restored)."""
     def config(epochs):
         cfg = small_config(train={"epochs": epochs, "batch_size": 4, "max_steps_per_epoch": 2},
                            optim={"lr": 0.01, "step_epochs": 1}, data={"annotated_fraction": 0.25})
         cfg["method"] = "gren"
         return cfg
 
-    data = _data()
+    dataset = AugmentedFakes(n=12, size=64, n_annotated=4)
+    data = TrainingData(dataset, dataset.annotated, dataset.unannotated)
     straight = fit(config(2), tmp_path / "straight", data)
     fit(config(1), tmp_path / "resumed", data)  # "killed" after epoch 1
+    torch.manual_seed(12345)  # whatever the RNG holds now, resume restores the saved state
     resumed = fit(config(2), tmp_path / "resumed", data, resume=True)
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
@@ -140,9 +156,101 @@ def test_resume_is_bit_exact(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     assert {"total", "box", "mil", "intra", "inter"} == set(lines[1]["loss"])
-    assert lines[1]["lr"] == pytest.approx(0.001) and lines[1]["images_per_s"] > 0
+    assert lines[0]["lr"] == pytest.approx(0.01) and lines[1]["lr"] == pytest.approx(0.001)  # the schedule stepped
+    assert lines[1]["images_per_s"] > 0
     assert (tmp_path / "resumed" / "checkpoints" / "epoch_001.pt").is_file()
     assert any((tmp_path / "resumed" / "tb").iterdir())
+    # the augmentation really draws from the RNG: another seed gives other weights
+    other = small_config(train={"epochs": 2, "batch_size": 4, "max_steps_per_epoch": 2},
+                         optim={"lr": 0.01, "step_epochs": 1}, data={"annotated_fraction": 0.25})
+    other["method"], other["seed"] = "gren", 1
+    fit(other, tmp_path / "other", data)
+    c = load_checkpoint(tmp_path / "other" / "checkpoints" / "last.pt")
+    assert any(not torch.equal(v, c["model"][k]) for k, v in a["model"].items())
+
+
+class _TwoStage:
+    """A registered test method: a warm-up stage of min(2, E) epochs at lr 0.02, then E - 2 epochs at the
+    config's lr; counts its steps in its extra state; its per-item transform draws from the RNG."""
+
+    name = "test-two-stage"
+
+    @staticmethod
+    def build():
+        from gren.methods import Stage
+        from gren.methods.grid_mil import GridMILMethod
+
+        class TwoStage(GridMILMethod):
+            def __init__(self, config):
+                super().__init__(config)
+                self.steps_seen = 0
+                self.stages_started = []
+
+            def stages(self, config):
+                epochs = int(config["train"]["epochs"])
+                return [Stage("warmup", min(2, epochs), {"lr": 0.02}), Stage("main", max(0, epochs - 2))]
+
+            def item_transform(self, config):
+                def jitter(item):
+                    item = dict(item)
+                    item["image"] = item["image"] + 0.05 * torch.randn_like(item["image"])
+                    return item
+                return jitter
+
+            def on_stage_start(self, stage, context):
+                self.stages_started.append((stage.name, context.epoch))
+
+            def on_step_end(self, context):
+                self.steps_seen += 1
+
+            def extra_state(self):
+                return {"steps_seen": self.steps_seen}
+
+            def load_extra_state(self, state):
+                self.steps_seen = int(state.get("steps_seen", 0))
+
+        return TwoStage
+
+
+def test_resume_continues_at_the_right_stage_and_epoch(tmp_path):
+    from gren.methods import register_method, unregister_method
+    from gren.train import engine
+
+    register_method(_TwoStage.name)(_TwoStage.build())
+    built = []
+    original_build = engine.build_method
+
+    def keep(*args, **kwargs):
+        built.append(original_build(*args, **kwargs))
+        return built[-1]
+
+    engine.build_method = keep
+    try:
+        def config(epochs):
+            cfg = small_config(train={"epochs": epochs, "batch_size": 4, "max_steps_per_epoch": 2},
+                               optim={"lr": 0.005, "step_epochs": 10})
+            cfg["method"] = _TwoStage.name
+            return cfg
+
+        data = _data()
+        straight = fit(config(4), tmp_path / "straight", data)
+        assert [(line["stage"], line["stage_epoch"], line["lr"]) for line in straight] == [
+            ("warmup", 1, 0.02), ("warmup", 2, 0.02), ("main", 1, 0.005), ("main", 2, 0.005)]
+        assert built[-1].stages_started == [("warmup", 0), ("main", 0)] and built[-1].steps_seen == 8
+        fit(config(1), tmp_path / "resumed", data)  # killed inside the warm-up
+        fit(config(3), tmp_path / "resumed", data, resume=True)  # resumes in the warm-up, killed inside main
+        assert built[-1].stages_started == [("warmup", 1), ("main", 0)]
+        resumed = fit(config(4), tmp_path / "resumed", data, resume=True)
+        assert built[-1].stages_started == [("main", 1)] and built[-1].steps_seen == 8
+        a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+        b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+        assert (b["stage"], b["stage_epoch"], b["method_state"]) == (1, 2, {"steps_seen": 8})
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), key
+        assert [line["loss"] for line in straight] == [line["loss"] for line in resumed]
+    finally:
+        engine.build_method = original_build
+        unregister_method(_TwoStage.name)
 
 
 def test_epoch_checkpoints_hold_weights_only_and_are_pruned(tmp_path):

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auc-images", choices=("test", "heldout"), default="test",
                         help="images for AUC: the annotated test images (default) or every image of the fold "
                         "not used for training")
+    parser.add_argument("--rules", metavar="R[,R]",
+                        help="box rules: cells (the union of positive cells, always) and wang (a box around each "
+                        "connected component, Wang et al. 2017); default: cells plus the method's own")
     parser.add_argument("--json", action="store_true", help="print eval.json on stdout instead of the table")
 
 
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from gren.eval.evaluate import EVAL_JSON, eval_markdown, evaluate_run
 
     result = evaluate_run(args.run, data=args.data, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                          device=args.device, auc_images=args.auc_images, progress=not args.json)
+                          device=args.device, auc_images=args.auc_images, rules=args.rules, progress=not args.json)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -29,14 +29,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per chunk, the unit of parallel work and of resumption (64)")
     parser.add_argument("--force", action="store_true",
                         help="replace a cache prepared with other parameters in --out")
+    parser.add_argument("--methods", metavar="M[,M]",
+                        help="also compute the per-image fields these methods need (e.g. CCG's superpixels); an "
+                             "existing cache is extended, not rebuilt")
+    parser.add_argument("--fields", metavar="F[,F]", help="also compute these registered cache fields")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
+    from gren.data.fields import extend_cache, fields_needed_by
     from gren.data.prepare import prepare_cache
 
+    wanted = [f.strip() for f in (args.fields or "").split(",") if f.strip()]
+    if args.methods:
+        wanted += fields_needed_by([m.strip() for m in args.methods.split(",") if m.strip()])
     summary = prepare_cache(args.data, args.out, size=args.size, lungs=args.lungs, workers=args.workers,
                             chunk_size=args.chunk_size, force=args.force, progress=not args.json)
+    summary["fields_added"] = extend_cache(summary["cache"], wanted, progress=not args.json) if wanted else []
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -53,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         f"speed            {summary['images_per_s']} images/s" if summary["images_decoded"] else "speed            -",
         f"size on disk     {summary['bytes'] / 1e6:.1f} MB ({summary['bytes_per_image'] / 1e3:.1f} kB/image)",
     ]
+    if wanted:
+        lines.append(f"extra fields     {', '.join(wanted)} ({', '.join(summary['fields_added']) or 'none'} added now)")
     for failure in summary["failures"][:10]:
         lines.append(f"  skipped {failure['image_id']}: {failure['error']}")
     if summary["n_failed"] > 10:

@@ -46,9 +46,9 @@ class PreparedCache:
     re-open the memory maps lazily).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any] | None = None):
         self.path = Path(path).expanduser()
-        meta = fmt.read_meta(self.path)
+        meta = fmt.read_meta(self.path) if meta is None else meta  # callers that already read it pass it
         if meta is None:
             raise DataError(f"{self.path}: not a prepared cache (no gren {fmt.META_FILE}); "
                             f"run `gren prepare --data DATA_DIR --out {self.path}` first")
@@ -167,6 +167,22 @@ class PreparedCache:
         return np.array([lookup[str(i)] for i in image_ids], dtype=np.int64)
 
     @property
+    def extra_fields(self) -> list[str]:
+        """Names of the method-declared fields this cache holds (:mod:`gren.data.fields`)."""
+        return sorted(self.meta.get("fields", {}))
+
+    def field(self, name: str, i: int) -> np.ndarray:
+        """Row ``i`` of extra field ``name``: its fixed-shape array, or (ragged) its ``(n_i, ...)`` rows."""
+        spec = self.meta.get("fields", {}).get(name)
+        if spec is None:
+            raise DataError(f"{self.path}: no cache field {name!r} (held: {', '.join(self.extra_fields) or 'none'}); "
+                            f"add it with `gren prepare --out {self.path} --fields {name}`")
+        if spec.get("ragged"):
+            offsets = self._array(f"{name}.offsets")
+            return np.array(self._array(f"{name}.values")[int(offsets[i]):int(offsets[i + 1])])
+        return np.array(self._array(name)[i])
+
+    @property
     def summary(self) -> dict[str, Any]:
         """What ``gren prepare`` reported when it completed this cache."""
         return dict(self.meta.get("summary", {}))
@@ -273,4 +289,5 @@ class CacheDataset(Dataset):
             "lung_fallback": bool(cache.lung_fallback[row]),
             "image_id": cache.image_ids[row],
             "index": int(index),
+            **{name: torch.from_numpy(cache.field(name, row)) for name in cache.extra_fields},
         }

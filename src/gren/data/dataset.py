@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gren.core.errors import ImageReadError
+from gren.core.fields import is_ragged
 from gren.core.imageio import read_gray_resized, read_mask
 from gren.data.nih import DatasetIndex
 
@@ -174,16 +175,17 @@ class RawDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch a list of item dicts: tensors of equal shape are stacked (``image`` -> (B, 1, S, S),
-    ``labels`` -> (B, 14), ``lung_masks`` -> (B, S, S), ...); ``boxes`` and ``box_labels`` stay
-    lists of B tensors ((n_i, 4) and (n_i,)); strings (``image_id``) become lists; bools and ints
-    become bool / int64 tensors (B,)."""
+    """Batch a list of item dicts, the one collate of the package: fields registered as ragged
+    (:mod:`gren.core.fields`: ``boxes`` (n_i, 4), ``box_labels`` (n_i,), a method's per-superpixel rows...)
+    stay lists of B tensors; other tensors are stacked (``image`` -> (B, 1, S, S), ``labels`` -> (B, 14),
+    ``lung_masks`` -> (B, S, S), ...); strings (``image_id``) become lists; bools and ints become bool /
+    int64 tensors (B,)."""
     if not items:
         raise ValueError("collate needs at least one item")
     batch: dict = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if key in ("boxes", "box_labels"):
+        if is_ragged(key):
             batch[key] = values
         elif isinstance(values[0], torch.Tensor):
             batch[key] = torch.stack(values)

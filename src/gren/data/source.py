@@ -70,8 +70,8 @@ def open_prepared(path: str | os.PathLike, size: int | None = 256, lungs: str = 
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such data or cache folder")
-    if PreparedCache.is_cache(path):
-        meta = fmt.read_meta(path) or {}
+    meta = fmt.read_meta(path) if path.is_dir() else None  # read once; handed to PreparedCache
+    if meta is not None:
         if not meta.get("complete"):
             data_dir = meta.get("data_dir")
             params = meta.get("params", {})
@@ -79,7 +79,8 @@ def open_prepared(path: str | os.PathLike, size: int | None = 256, lungs: str = 
                 PreparedCache(path)  # raises the "incomplete cache: rerun gren prepare" message
             log.info("%s: resuming an interrupted prepare from %s", path, data_dir)
             prepare_cache(data_dir, path, size=params["size"], lungs=params["lungs"], workers=workers)
-        cache = PreparedCache(path)
+            meta = None  # rewritten by prepare
+        cache = PreparedCache(path, meta=meta)
         if size is not None and cache.size != int(size):
             raise DataError(f"{path}: cache prepared at size {cache.size}, but size {size} was asked for; "
                             f"use size {cache.size} or prepare the data again with --size {size}")

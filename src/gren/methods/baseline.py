@@ -8,4 +8,4 @@ from gren.methods.registry import register_method
 
 @register_method("baseline")
 class Baseline(GridMILMethod):
-    """The grid-MIL model alone (see :mod:`gren.methods.grid_mil`)."""
+    """Li et al. 2018 (B): backbone + grid head, box loss where boxes exist, MIL loss elsewhere."""

@@ -55,7 +55,7 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @register_method("cam")
 class WangCAM(Method):
-    """Backbone -> transition -> LSE pooling -> linear (14); CAM maps. See the module docstring."""
+    """Wang et al. 2017 (ChestX-ray8): classifier with LSE pooling, labels only; CAM maps (module docstring)."""
 
     needs = frozenset({"image", "labels"})
     eval_rules = ("wang",)

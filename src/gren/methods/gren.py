@@ -26,7 +26,7 @@ from gren.methods.registry import register_method
 
 
 class GrenMethod(GridMILMethod):
-    """The baseline grid model with GREN's regularizers (``gren``: both graphs, hash edge weights).
+    """GREN (Qi et al. 2021): the baseline plus the intra- and inter-image graphs with lung-hash edge weights.
 
     Class attributes (one subclass per registered variant): ``use_intra``, ``use_inter`` (which terms),
     ``edge_weights`` (``hash``: GREN; ``cosine``: B+Cosine). Config: the ``graph`` section (``defaults``).

@@ -110,7 +110,10 @@ def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path
     from gren.data.splits import make_folds, read_fold_csv, write_fold_csv
 
     data_cfg = config["data"]
+    from gren.data.fields import ensure_fields
+
     cache = open_prepared(data_path, size=int(data_cfg["size"]), lungs=data_cfg["lungs"])
+    cache = ensure_fields(cache, method_class(config["method"]).needs)  # a method's declared per-image fields
     split_path = run_dir / "split.csv"
     if resume and split_path.is_file():
         split = read_fold_csv(split_path)
