@@ -1,4 +1,4 @@
-"""Two-process DDP on CPU (gloo): the global inter-image graph's gradient, and the training loop.
+"""Two-process DDP on CPU (gloo): the global inter-image graph's gradient, and the training loop of every method.
 
 The processes are spawned with ``torch.multiprocessing`` and join the group through the same
 environment variables ``torchrun`` sets, so :func:`gren.core.dist.init_distributed` takes its
@@ -58,11 +58,12 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         torch.testing.assert_close(local.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(local.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-7)
 
-        # 2. The training loop under DDP with the global inter graph: each rank's own model (in memory,
-        # not the checkpoint only rank 0 writes) ends with identical parameters, and they moved. (Batch-norm
-        # running statistics are not compared: DDP broadcasts rank 0's at each forward, then each rank
-        # updates them on its own batch, and only rank 0's are saved.)
+        # 2. The training loop under DDP, for every registered method (GREN's with the global inter graph): each
+        # rank's own model (in memory, not the checkpoint only rank 0 writes) ends with identical parameters, and
+        # they moved. (Batch-norm running statistics are not compared: DDP broadcasts rank 0's at each forward,
+        # then each rank updates them on its own batch, and only rank 0's are saved.)
         from _train_fakes import FakeLesionDataset, small_config
+        from gren.methods import METHODS
         from gren.train import engine
 
         built = []
@@ -74,23 +75,26 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         engine_build = engine.build_method
         engine.build_method = build_and_keep
         dataset = FakeLesionDataset(n=12, size=48, n_annotated=4)
-        config = small_config(train={"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 2},
-                              graph={"inter_scope": "global"}, optim={"lr": 0.01}, data={"size": 48})
-        config["method"] = "gren"
-        torch.manual_seed(1000 + rank)  # fit must seed (and broadcast) the weights itself
-        history = engine.fit(config, run_dir, engine.TrainingData(dataset, dataset.annotated, dataset.unannotated))
-        assert len(built) == 1
-        weights = [p.detach().double() for p in built[0].parameters()]
-        checksum = torch.stack([v.sum() + (v * v).sum() for v in weights]).sum().reshape(1)
-        checksums = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
-        torch_dist.all_gather(checksums, checksum)
-        assert checksums[0].item() == checksums[1].item()
-        torch.manual_seed(int(config["seed"]))
-        initial = engine_build(config["method"], config)
-        assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), built[0].parameters()))
-        if rank == 0:
-            assert history[-1]["steps"] == 2 and history[-1]["images"] == 2 * 2 * WORLD
-            assert set(history[-1]["loss"]) == {"total", "box", "mil", "intra", "inter"}
+        for name in sorted(METHODS):
+            config = small_config(train={"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 2},
+                                  graph={"inter_scope": "global"}, optim={"lr": 0.01}, data={"size": 48},
+                                  cam={"channels": 16})
+            config["method"] = name
+            torch.manual_seed(1000 + rank)  # fit must seed (and broadcast) the weights itself
+            history = engine.fit(config, f"{run_dir}/{name}",
+                                 engine.TrainingData(dataset, dataset.annotated, dataset.unannotated))
+            weights = [p.detach().double() for p in built[-1].parameters()]
+            checksum = torch.stack([v.sum() + (v * v).sum() for v in weights]).sum().reshape(1)
+            checksums = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
+            torch_dist.all_gather(checksums, checksum)
+            assert checksums[0].item() == checksums[1].item(), name
+            torch.manual_seed(int(config["seed"]))
+            initial = engine_build(config["method"], config)
+            assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), built[-1].parameters())), name
+            if rank == 0:
+                assert history[-1]["steps"] == 2 and history[-1]["images"] == 2 * 2 * WORLD
+                if name == "gren":
+                    assert set(history[-1]["loss"]) == {"total", "box", "mil", "intra", "inter"}
     finally:
         torch_dist.destroy_process_group()
 

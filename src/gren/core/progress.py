@@ -78,6 +78,7 @@ class Progress:
         self._last = self._start
         self._closed = False
         self._bar = None
+        self.postfix = ""
         mode = mode or os.environ.get(MODE_ENV) or ("bar" if _is_terminal(sys.stderr) else "log")
         if disable or mode == "off" or not self.logger.isEnabledFor(logging.INFO):
             mode = "off"
@@ -114,6 +115,12 @@ class Progress:
                 self._last = now
                 self.logger.info("%s", self.line(now))
 
+    def set_postfix(self, values: dict[str, Any]) -> None:
+        """Show ``key value`` pairs after the counts (e.g. the running mean losses)."""
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+
     def line(self, now: float | None = None) -> str:
         """``desc: done/total unit (pct), rate unit/s, time left`` (no total: done and rate only)."""
         now = self._clock() if now is None else now
@@ -126,10 +133,10 @@ class Progress:
             text = f"{head}{self.n} {self.unit}"
         text += f", {rate:.3g} {self.unit}/s"
         if self._closed:
-            return text + f", done in {format_duration(elapsed)}"
-        if self.total and rate > 0:
+            text += f", done in {format_duration(elapsed)}"
+        elif self.total and rate > 0:
             text += f", {format_duration((self.total - self.n) / rate)} left"
-        return text
+        return text + (f"; {self.postfix}" if self.postfix else "")
 
     def close(self) -> None:
         """Finish: close the bar, or log the final line (once)."""

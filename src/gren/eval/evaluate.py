@@ -29,12 +29,12 @@ import pandas as pd
 import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from gren.core.atomic import write_text_atomic
 from gren.core.device import select_device
 from gren.core.errors import GrenError
 from gren.core.labels import BOX_CLASSES, LABELS
+from gren.core.progress import progress as progress_bar
 from gren.methods.protocol import Localization
 from gren.metrics import (
     CELL_THRESHOLD,
@@ -116,7 +116,7 @@ def evaluate_predictions(
     wang_ious, wang_iobbs = [], []
     thresholds_seen: set[float] = set()
     n_loc_images = 0
-    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress or None, leave=False):
+    for batch in progress_bar(loader, desc="evaluate", unit="batch", disable=not progress, logger=log):
         loc = as_localization(predict(batch))
         maps = loc.maps
         size = batch["image"].shape[-1], batch["image"].shape[-2]  # (width, height) of the S x S input

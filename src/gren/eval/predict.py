@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from gren.core.errors import GrenError, ImageReadError
 from gren.core.imageio import DICOM_SUFFIXES, is_dicom, read_dicom_gray, read_gray  # noqa: F401 - re-exported
 from gren.core.labels import LABELS
+from gren.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def predict_files(
     written: list[str] = []
     failed: dict[str, str] = {}
     stems: dict[str, int] = {}
-    for path in tqdm(list(paths), desc="predict", unit="image", disable=not progress or None, leave=False):
+    for path in progress_bar(list(paths), desc="predict", unit="image", disable=not progress, logger=log):
         path = Path(path)
         try:
             gray = read_any_gray(path)

@@ -44,13 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from gren.core import dist
 from gren.core.atomic import write_text_atomic
 from gren.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.core.device import move_to, select_device
 from gren.core.errors import GrenError
+from gren.core.progress import progress
 from gren.methods import Method, Stage, TrainContext, build_method, method_class
 from gren.methods.protocol import deep_update
 from gren.train.config import default_config, load_yaml, resolve_config, save_config
@@ -345,8 +345,9 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
     sums: dict[str, torch.Tensor] = {}
     steps = images_seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
-               disable=None if dist.is_main_process() else True)  # None: no bar when stderr is not a terminal
+    # a bar on a terminal, a log line every 30 s in batch logs (gren.core.progress); rank 0 only
+    bar = progress(loader, total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", logger=log,
+                   disable=not dist.is_main_process())
     for batch in bar:
         batch = move_to(batch, device)
         if channels_last:
@@ -374,7 +375,7 @@ def _train_epoch(model, method, loader, optimizer, device, amp, channels_last, e
         method.on_step_end(context)
         if steps % log_every == 0 or steps == n_steps:
             means = {k: float(v) / steps for k, v in sums.items()}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
             if writer is not None:
                 global_step = epoch * n_steps + steps
                 for key, value in detached.items():
