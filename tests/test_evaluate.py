@@ -196,3 +196,59 @@ def test_report_writes_the_three_figures(tiny, tmp_path):
             levels = np.unique(np.asarray(figure.convert("L")))
             assert min(figure.size) > 200 and len(levels) > 10  # not blank
     assert main(["report", "--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def _crossval_three(data, out, overrides):
+    from gren.eval.crossval import run_crossval
+
+    return run_crossval(data, "baseline,gren,cam", out, protocol="0.5_0.8", folds=5, only_folds=[0],
+                        overrides=[*overrides, "cam.channels=16"], progress=False)
+
+
+def test_crossval_baseline_gren_cam_and_cams_auc_comes_from_its_classifier(tiny, tmp_path):
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from eval_helpers import TINY_OVERRIDES
+    from gren.data.cache import CacheDataset
+    from gren.data.source import open_prepared
+    from gren.eval.evaluate import read_split
+    from gren.methods import load_run
+
+    data, _ = tiny
+    summary = _crossval_three(data, tmp_path / "cv", TINY_OVERRIDES)
+    assert summary["trained"] == [("baseline", 0), ("gren", 0), ("cam", 0)]
+    table = (tmp_path / "cv" / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in ("baseline", "gren", "cam"))
+    cam_eval = summary["results"]["cam"][0]
+    assert "wang" in cam_eval and "wang" not in summary["results"]["baseline"][0]
+    assert cam_eval["cell_threshold"] == pytest.approx(180 / 255, abs=1e-5)
+    assert summary["results"]["baseline"][0]["cell_threshold"] == 0.5
+    # CAM's AUC is that of its classifier's probabilities on the same images (not of its normalised maps)
+    run = tmp_path / "cv" / "cam" / "fold_0"
+    method, config = load_run(run)
+    split = read_split(run)
+    test_ids = split.loc[(split["role"] == "test") & split["annotated"], "image_id"].tolist()
+    dataset = CacheDataset(open_prepared(data, size=64, lungs="masks"), test_ids)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    labels = np.stack([dataset[i]["labels"].numpy() for i in range(len(dataset))])
+    scores = method.predict(images).scores.numpy()
+    both = [k for k in range(len(LABELS)) if 0 < labels[:, k].sum() < len(labels)]
+    assert both, "the tiny test fold should have a label with positives and negatives"
+    for k in both:
+        assert cam_eval["auc"][LABELS[k]] == pytest.approx(roc_auc_score(labels[:, k], scores[:, k]))
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_crossval_baseline_gren_cam_on_the_real_nih_sample(nih_dir, tmp_path, monkeypatch):
+    from eval_helpers import TINY_OVERRIDES
+
+    monkeypatch.setenv("GREN_CACHE_DIR", str(tmp_path / "user-cache"))  # ../shared is read-only in CI
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("data.lungs=")] + ["data.lungs=classical"]
+    summary = _crossval_three(nih_dir, tmp_path / "cv", overrides)
+    assert [m for m, _ in summary["trained"]] == ["baseline", "gren", "cam"]
+    for method in ("baseline", "gren", "cam"):
+        result = summary["results"][method][0]
+        assert result["n_images"] > 100 and sum(result["n_boxes"].values()) > 100
+        assert result["auc"]["mean"] is not None
