@@ -68,9 +68,9 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict:
 
 
 def _step(method, optimizer, batch, images, amp: bool = False, device_type: str = "cpu") -> None:
+    """One training step through the method protocol: ``method(batch)`` is the whole step's losses."""
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=amp):
-        outputs = method(images)
-    parts = method.losses(outputs, batch)
+        parts = method({**batch, "image": images})
     optimizer.zero_grad(set_to_none=True)
     parts["total"].backward()
     optimizer.step()
@@ -125,7 +125,7 @@ def cpu_mode(args) -> dict:
             "images_per_s_wall": args.batch / statistics.median(walls[name]),
         })
     return {"backbone": args.backbone, "size": args.size, "batch": args.batch, "output_stride": 16,
-            "grid": int(build_method("baseline", config)(images[:1])["logits"].shape[-1]),
+            "grid": int(build_method("baseline", config).grid_outputs(images[:1])["logits"].shape[-1]),
             "repeats": args.repeats, "rows": rows}
 
 
@@ -141,9 +141,7 @@ def gpu_mode(args) -> dict:
             torch.manual_seed(0)
             method = build_method(name, config).to(device).to(memory_format=torch.channels_last).train()
             optimizer = torch.optim.SGD(method.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
-            runner = method
-            if compile_flag:
-                runner = _CompiledForward(method, torch.compile(method))
+            runner = torch.compile(method) if compile_flag else method
             for _ in range(args.warmup + (3 if compile_flag else 0)):
                 _step(runner, optimizer, batch_gpu, images, amp=True, device_type="cuda")
             torch.cuda.synchronize()
@@ -158,19 +156,6 @@ def gpu_mode(args) -> dict:
             torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "backbone": "resnet50", "size": args.gpu_size,
             "batch": args.gpu_batch, "amp": "bf16", "channels_last": True, "rows": rows}
-
-
-class _CompiledForward:
-    """Call the compiled module for the forward pass and the eager one for ``losses``."""
-
-    def __init__(self, method, compiled):
-        self.method, self.compiled = method, compiled
-
-    def __call__(self, images):
-        return self.compiled(images)
-
-    def losses(self, outputs, batch):
-        return self.method.losses(outputs, batch)
 
 
 def write(payload: dict) -> None:

@@ -46,8 +46,7 @@ def gradient_norms(method, batches, lambdas: tuple[float, float]) -> list[dict]:
     params = [p for p in method.backbone.parameters() if p.requires_grad]
     rows = []
     for batch in batches:
-        outputs = method(batch["image"])
-        parts = method.losses(outputs, batch)
+        parts = method(batch)
         row = {}
         for term in TERMS:
             grads = torch.autograd.grad(parts[term], params, retain_graph=True, allow_unused=True)
