@@ -148,3 +148,22 @@ def test_cli_prepare_fields(fields, prepared, tmp_path, capsys):
                  "--workers", "0", "--fields", "test_mean"]) == 0
     assert "extra fields     test_mean (test_mean added now)" in capsys.readouterr().out
     assert torch.is_tensor(CacheDataset(PreparedCache(out))[0]["test_mean"])
+
+
+def test_training_from_a_cache_reads_its_metadata_once(prepared, tmp_path, monkeypatch):
+    from gren.data import cache_format
+    from gren.train.config import resolve_config
+    from gren.train.engine import open_training_data
+
+    _, cache_dir = prepared
+    calls = []
+    original = cache_format.read_meta
+
+    def counting(path):
+        calls.append(path)
+        return original(path)
+
+    monkeypatch.setattr(cache_format, "read_meta", counting)
+    config = resolve_config(None, [f"data.size={SIZE}", "data.protocol=1.0_0.6", "data.folds=2"], method="gren")
+    open_training_data(cache_dir, config, tmp_path / "run")
+    assert len(calls) == 1, calls
