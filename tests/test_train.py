@@ -350,3 +350,55 @@ def test_cli_overrides_may_follow_options(monkeypatch):
     assert seen["overrides"] == ["data.size=64", "train.epochs=2"]
     with pytest.raises(SystemExit):
         cli.main(["train", "--data", "D", "--method", "baseline", "--out", "R", "--no-such-option"])
+
+
+def test_a_methods_batch_sampler_and_gradients_at_test_time(tmp_path):
+    """The engine samples with the method's own batch sampler when it has one, and predict() runs
+    localize under gradients for a method that declares localize_needs_grad (Grad-CAM-like methods)."""
+    from gren.methods import Localization, register_method, unregister_method
+    from gren.methods.grid_mil import GridMILMethod
+
+    class Pairs:
+        """Fixed pairs of consecutive images, three per epoch (a CIA/CCG-style pairing sampler)."""
+
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            return iter([[0, 1], [2, 3], [4, 5]])
+
+        def __len__(self):
+            return 3
+
+    sampler = Pairs()
+
+    class Paired(GridMILMethod):
+        localize_needs_grad = True
+
+        def batch_sampler(self, data, config, *, seed, rank, world_size):
+            return sampler
+
+        def localize(self, images):
+            assert torch.is_grad_enabled()
+            images = images.detach().requires_grad_(True)
+            loc = super().localize(images)
+            (grad,) = torch.autograd.grad(loc.maps.sum(), images)
+            return Localization(loc.maps.detach(), loc.scores.detach(), 0.5, evidence=grad.abs().flatten(1)[:, :14])
+
+    register_method("test-paired")(Paired)
+    try:
+        cfg = small_config(train={"epochs": 2, "batch_size": 4})
+        cfg["method"] = "test-paired"
+        history = fit(cfg, tmp_path / "run", _data())
+        assert [line["steps"] for line in history] == [3, 3] and [line["images"] for line in history] == [6, 6]
+        assert sampler.epochs == [0, 1]
+        from gren.methods import load_run
+
+        method, _ = load_run(tmp_path / "run")
+        loc = method.predict(torch.zeros(2, 1, 64, 64))
+        assert loc.evidence is not None and loc.evidence.shape == (2, 14)  # localize ran with gradients
+    finally:
+        unregister_method("test-paired")
