@@ -27,28 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gren.lungs.dice import lung_dice
     from gren.lungs.folder import find_samples, read_gray, read_mask
-    from gren.lungs.segment import load_segmenter
+    from gren.lungs.quality import FLAG_PREFIX
+    from gren.lungs.segment import load_segmenter, segment_with_reasons
     from gren.lungs.tools import contact_sheet, overlay_tile, pick_evenly
 
     segmenter = load_segmenter(args.lungs)
     samples = pick_evenly(find_samples(args.data), max(1, args.n))
     tiles = []
     fallbacks = 0
+    flagged = 0
     for sample in samples:
         image = read_gray(sample.image_path)
-        masks, fallback = segmenter.segment(image[None])
+        masks, fallback, reasons = segment_with_reasons(segmenter, image[None])
         truth = read_mask(sample.mask_path, image.shape) if sample.mask_path else None
         caption = sample.stem[:18]
         if truth is not None:
             caption += f" {lung_dice(masks[0], truth).mean():.2f}"
-        if fallback[0]:
+        if reasons[0].startswith(FLAG_PREFIX):
+            caption += " FLAG prior"
+            flagged += 1
+            log.info("%s: flagged, %s", sample.stem, reasons[0][len(FLAG_PREFIX):])
+        elif fallback[0]:
             caption += " prior"
-            fallbacks += 1
+        fallbacks += bool(fallback[0])
         tiles.append(overlay_tile(image, masks[0], truth, args.tile, caption))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(tiles, args.columns).save(out)
-    log.info("wrote %s: %d images, %d fell back to the prior (red: right lung = image left, blue: left lung)",
-             out, len(tiles), fallbacks)
+    log.info("wrote %s: %d images, %d fell back to the prior, %d of them flagged as gross failures "
+             "(red: right lung = image left, blue: left lung)", out, len(tiles), fallbacks, flagged)
     print(out)
     return 0
