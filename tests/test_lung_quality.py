@@ -157,3 +157,36 @@ def test_classical_segmenter_flags_through_the_same_rules(monkeypatch):
     monkeypatch.setitem(quality.RANGES, "area_1", (2.0, 3.0))
     masks, fallback, reasons = segment_with_reasons(segmenter, image[None])
     assert fallback[0] and reasons[0].startswith(FLAG_PREFIX) and "area_1" in reasons[0]
+
+
+def test_a_tongue_leaking_into_the_arm_is_flagged():
+    image, mask = chest()
+    leak = mask.copy()
+    rows = np.nonzero((mask == 1).any(axis=1))[0]
+    bottom = rows[-1]
+    for k in range(60):  # a thin diagonal tongue from the lung's base out to the left
+        y, x = bottom - 20 + k, 60 - k
+        leak[y:y + 6, max(x, 0):max(x, 0) + 6][leak[y:y + 6, max(x, 0):max(x, 0) + 6] == 0] = 1
+    assert film_features(image, leak)["solidity_1"] < RANGES["solidity_1"][0]
+    _flag(image, leak, "solidity_1")
+
+
+def test_lungs_evaluate_reports_flag_counts(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from gren.cli import main as gren_main
+
+    image, mask = chest()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "good.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "good.png")
+    Image.fromarray(image).save(tmp_path / "images" / "spill.png")
+    Image.fromarray(abdomen_spill(mask)).save(tmp_path / "masks" / "spill.png")  # a "true" mask that spills
+    assert gren_main(["-q", "lungs", "evaluate", "--data", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_images"] == 2 and result["true_masks_flagged"] == 1
+    assert {"flagged", "fallback"} <= set(result) and result["flagged"] <= result["fallback"]
+    assert all("reason" in row and "flagged" in row for row in result["images"])

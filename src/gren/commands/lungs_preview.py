@@ -22,16 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="number of images, spread over the folder (default 16)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--columns", type=int, default=4)
+    parser.add_argument("--raw", action="store_true",
+                        help="draw the masks as segmented, before the gross-failure flags (flagged films are "
+                        "captioned FLAG but keep their mask instead of the prior)")
 
 
 def run(args: argparse.Namespace) -> int:
     from gren.lungs.dice import lung_dice
     from gren.lungs.folder import find_samples, read_gray, read_mask
-    from gren.lungs.quality import FLAG_PREFIX
+    from gren.lungs.quality import FLAG_PREFIX, check_mask
     from gren.lungs.segment import load_segmenter, segment_with_reasons
     from gren.lungs.tools import contact_sheet, overlay_tile, pick_evenly
 
     segmenter = load_segmenter(args.lungs)
+    if args.raw and hasattr(segmenter, "check"):
+        segmenter.check = False
     samples = pick_evenly(find_samples(args.data), max(1, args.n))
     tiles = []
     fallbacks = 0
@@ -39,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     for sample in samples:
         image = read_gray(sample.image_path)
         masks, fallback, reasons = segment_with_reasons(segmenter, image[None])
+        if args.raw and not fallback[0]:
+            reasons = [check_mask(image, masks[0])]
         truth = read_mask(sample.mask_path, image.shape) if sample.mask_path else None
         caption = sample.stem[:18]
         if truth is not None:
             caption += f" {lung_dice(masks[0], truth).mean():.2f}"
         if reasons[0].startswith(FLAG_PREFIX):
-            caption += " FLAG prior"
+            caption += " FLAG" if args.raw else " FLAG prior"
             flagged += 1
             log.info("%s: flagged, %s", sample.stem, reasons[0][len(FLAG_PREFIX):])
         elif fallback[0]:

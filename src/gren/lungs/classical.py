@@ -175,6 +175,8 @@ class ClassicalSegmenter:
         outside_penalty: darkness given to air outside the body (negative: "not lung").
         use_midline: split the sides at the spine column (else at the body frame's centre).
         outline: the lung outline table (default :data:`LUNG_OUTLINE`; see :func:`outline_from_masks`).
+        check: apply the gross-failure flags of :func:`gren.lungs.quality.check_mask` (False: only the
+            segmenter's own sanity checks).
     """
 
     name = "classical"
@@ -183,7 +185,8 @@ class ClassicalSegmenter:
                  scales: tuple[float, ...] = (0.95, 1.05, 1.15, 1.25, 1.35), max_shift: float = 1 / 6,
                  refine_weight: float = 8.0, prior_blur: float = 0.03, min_contrast: float = 0.04,
                  outside_penalty: float = 0.1, use_midline: bool = True, outline: Outline | None = None,
-                 refine_level: float = 0.8, grow: float = 0.008):
+                 refine_level: float = 0.8, grow: float = 0.008, check: bool = True):
+        self.check = check
         self.work_size = work_size
         self.fit_size = fit_size
         self.scales = tuple(scales)
@@ -323,7 +326,7 @@ class ClassicalSegmenter:
 
         from gren.lungs.quality import check_mask  # quality imports this module's helpers
 
-        problem = self._check(work_mask, fits) or check_mask(image, work_mask)
+        problem = self._check(work_mask, fits) or (check_mask(image, work_mask) if self.check else "")
         info["problem"] = problem
         if problem:
             work_mask = np.zeros((size, size), np.uint8)

@@ -9,7 +9,8 @@ into the abdomen, or far from where lungs sit. :func:`check_mask` measures, on a
 * per lung (1 = patient's right = image left, 2 = patient's left = image right), :func:`mask_features`:
   ``area`` (fraction of the film), ``outside`` (fraction of the lung outside the body), ``top``,
   ``bottom``, ``cy``, ``cx`` (rows / centroid as fractions of the body's bounding box, 0 = its top /
-  left edge), ``width`` (fraction of the body's width), ``aspect`` (the lung's height / width);
+  left edge), ``width`` (fraction of the body's width), ``aspect`` (the lung's height / width),
+  ``solidity`` (its area / its convex hull's area: a tongue leaking into the arm or abdomen lowers it);
 * per film: ``ratio`` (area 1 / area 2), ``dtop`` and ``dbot`` (difference of the two lungs' top rows,
   bottom rows, fractions of the body's height: one lung running up into the neck or down into the
   abdomen while the other does not).
@@ -36,13 +37,14 @@ import math
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
 
 from gren.lungs.classical import largest_component, otsu_threshold
 
 FLAG_PREFIX = "flag: "
 WORK_SIZE = 128
 MARGIN = 0.5
-LUNG_FEATURES = ("area", "outside", "top", "bottom", "cy", "cx", "width", "aspect")
+LUNG_FEATURES = ("area", "outside", "top", "bottom", "cy", "cx", "width", "aspect", "solidity")
 FILM_FEATURES = ("ratio", "dtop", "dbot")
 
 # [min, max] over the 90 real films' true masks (measure_ranges(), 128 px), before the margin.
@@ -55,6 +57,7 @@ MEASURED: dict[str, tuple[float, float]] = {
     "cx_1": (0.136, 0.378), "cx_2": (0.557, 0.829),
     "width_1": (0.273, 0.516), "width_2": (0.266, 0.484),
     "aspect_1": (1.125, 2.750), "aspect_2": (1.274, 2.705),
+    "solidity_1": (0.812, 0.970), "solidity_2": (0.834, 0.970),
     "ratio": (0.614, 1.195), "dtop": (0.000, 0.062), "dbot": (0.000, 0.203),
 }
 # Bounds that no mask can pass (fractions of a lung below 0, lungs above the body's top ...): open.
@@ -123,11 +126,22 @@ def mask_features(mask: np.ndarray, body: np.ndarray) -> dict[str, float]:
         out[f"cx_{label}"] = (columns.mean() + 0.5 - bx0) / bw
         out[f"width_{label}"] = width / bw
         out[f"aspect_{label}"] = height / width
+        out[f"solidity_{label}"] = _solidity(rows, columns)
     both = len(rows_of) == 2
     out["ratio"] = out["area_1"] / out["area_2"] if out["area_2"] > 0 else math.inf
     out["dtop"] = abs(int(rows_of[1].min()) - int(rows_of[2].min())) / bh if both else math.nan
     out["dbot"] = abs(int(rows_of[1].max()) - int(rows_of[2].max())) / bh if both else math.nan
     return out
+
+
+def _solidity(rows: np.ndarray, columns: np.ndarray) -> float:
+    """Pixel count / area of the convex hull of the pixels' squares (1.0 for a filled rectangle)."""
+    corners = np.concatenate([np.stack([rows + dy, columns + dx], axis=1) for dy in (0, 1) for dx in (0, 1)])
+    try:
+        hull = ConvexHull(corners.astype(np.float64))
+    except QhullError:  # collinear: a one-pixel-wide lung
+        return 1.0
+    return float(len(rows) / hull.volume)
 
 
 def film_features(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
