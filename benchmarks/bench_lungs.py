@@ -46,7 +46,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
+    """CPU model with its vector instruction-set flags (/proc/cpuinfo), cores, torch version and threads."""
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))]
+                break
+    except OSError:
+        pass
+    return f"{name} [{' '.join(flags)}], {os.cpu_count()} CPUs, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} torch threads"
 
 
