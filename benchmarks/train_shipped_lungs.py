@@ -120,6 +120,7 @@ def run_cv(args, stems, images, masks, synth_images, synth_masks, work: Path) ->
     unet_fallback, classical_fallback = np.zeros(len(stems), bool), np.zeros(len(stems), bool)
     started = time.perf_counter()
     splits = []
+    reused = 0
     for fold in range(args.folds):  # train every missing fold first, then evaluate them all
         train_stems, test_stems = fold_split(stems, args.folds, fold, args.seed)
         test_idx = [stems.index(s) for s in test_stems]
@@ -129,6 +130,7 @@ def run_cv(args, stems, images, masks, synth_images, synth_masks, work: Path) ->
         splits.append((fold, train_idx, test_idx, ckpt))
         if ckpt.is_file():
             log.info("fold %d: reusing %s", fold, ckpt)
+            reused += 1
             continue
         model, config = train_unet([images[i] for i in train_idx] + synth_images,
                                    [masks[i] for i in train_idx] + synth_masks, size=args.size,
@@ -155,7 +157,8 @@ def run_cv(args, stems, images, masks, synth_images, synth_masks, work: Path) ->
         folds.append(row)
     fold_means = [f["unet"]["mean"] for f in folds]
     return {
-        "folds": folds, "seconds": round(time.perf_counter() - started, 1),
+        "folds": folds, "seconds": round(time.perf_counter() - started, 1), "folds_reused": reused,
+        "unet_flagged": int(sum(f["unet_flagged"] for f in folds)),
         "unet": {k: round(v, 4) for k, v in summarize_dice(all_unet).items()},
         "unet_fallback": int(unet_fallback.sum()),
         "unet_fold_std": round(float(np.std(fold_means)), 4),
@@ -209,7 +212,10 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{f['unet_fallback']} | {f['classical']['mean']:.4f} | {f['train_seconds']:.0f} |")
         lines += [f"| all | | {len(cv['per_film'])} | {cv['unet']['right_lung']:.4f} | {cv['unet']['left_lung']:.4f} | "
                   f"**{cv['unet']['mean']:.4f}** | {cv['unet_fallback']} | {cv['classical']['mean']:.4f} | |", "",
-                  f"U-Net fold means: std {cv['unet_fold_std']:.4f}. Wall time of the CV: {cv['seconds'] / 60:.1f} min.", ""]
+                  f"U-Net fold means: std {cv['unet_fold_std']:.4f}. Out-of-fold U-Net masks flagged as gross "
+                  f"failures: {cv.get('unet_flagged', 0)} of {len(cv['per_film'])}. Wall time of this run: "
+                  f"{cv['seconds'] / 60:.1f} min ({cv.get('folds_reused', 0)} of {len(cv['folds'])} folds reused "
+                  "from their checkpoints in --work; training times per fold as recorded in them).", ""]
     final = result.get("final")
     if final:
         lines += ["## Shipped model", "",
