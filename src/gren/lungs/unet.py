@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from gren.errors import GrenError
 from gren.lungs.classical import largest_component, prior_mask
+from gren.lungs.quality import check_mask
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +301,6 @@ class UNetSegmenter:
         """images uint8 (B, H, W) -> (masks uint8 (B, H, W) in {0,1,2}, fallback bool (B,)), plus with
         ``return_reasons`` a list of B texts: '' or why image i fell back (a gross-failure flag of
         :mod:`gren.lungs.quality` starts with ``quality.FLAG_PREFIX``)."""
-        from gren.lungs.quality import check_mask
-
         images = np.asarray(images)
         if images.ndim == 2:
             images = images[None]
