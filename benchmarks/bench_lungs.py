@@ -4,11 +4,18 @@
   images already decoded, 512 px);
 * unet: K-fold cross-validation (default 5: train on 72, test on 18, each film tested once, never
   trained and tested on the same film), Dice per fold and over all films.
+* flags: the gross-failure flags of :mod:`gren.lungs.quality`: the feature ranges measured on the true
+  masks, their false alarms on the true masks (in-sample and leave-one-out: ranges from the other 89
+  films), the flag rate and Dice with / without flags of the classical segmenter on the 90 films, and
+  the flag rate of the classical and the shipped U-Net on NIH films (``--nih``: the 16 films
+  ``gren lungs preview`` shows and ``--nih-n`` films spread evenly over the folder). Writes
+  benchmarks/results/lung_flags.json and .md.
 
 Writes benchmarks/results/lungs.json and lungs.md (a part not run keeps its previous figures).
 
     nice -n 10 python benchmarks/bench_lungs.py                # both parts
     nice -n 10 python benchmarks/bench_lungs.py --parts classical
+    nice -n 10 python benchmarks/bench_lungs.py --parts flags
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import numpy as np
 import torch
 
 from gren.core.paths import shared_data_dir
+from gren.lungs import quality
 from gren.lungs.classical import ClassicalSegmenter, outline_from_masks
 from gren.lungs.dice import lung_dice, summarize_dice
-from gren.lungs.folder import find_samples, load_pairs
-from gren.lungs.tools import fold_split
+from gren.lungs.folder import find_samples, load_pairs, read_gray
+from gren.lungs.segment import load_segmenter, segment_with_reasons
+from gren.lungs.tools import fold_split, pick_evenly
 from gren.lungs.unet import UNetSegmenter, train_unet
 
 log = logging.getLogger("bench_lungs")
@@ -37,7 +46,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " \
+    """CPU model with its vector instruction-set flags (/proc/cpuinfo), cores, torch version and threads."""
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))]
+                break
+    except OSError:
+        pass
+    return f"{name} [{' '.join(flags)}], {os.cpu_count()} CPUs, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} torch threads"
 
 
@@ -128,6 +148,98 @@ def bench_unet(stems, images, masks, folds: int, size: int, epochs: int, base_wi
             "films": per_film(stems, all_scores, all_fallback)}
 
 
+# ---- gross-failure flags ----------------------------------------------------------------------------
+def _flagged_raw(segmenter, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Masks before the flags (``check`` off) and the flag each would get ('' for none; fallbacks of the
+    segmenter's own checks are reported as 'own check')."""
+    segmenter.check = False
+    masks, fallback, _ = segment_with_reasons(segmenter, images)
+    segmenter.check = True
+    return masks, ["own check" if f else quality.check_mask(i, m) for i, m, f in zip(images, masks, fallback)]
+
+
+def bench_flags(stems, images, masks, nih_dir: Path | None, nih_n: int) -> dict:
+    measured = quality.measure_ranges(images, masks)
+    features = [quality.film_features(i, m) for i, m in zip(images, masks)]
+    in_sample = [s for s, f in zip(stems, features) if quality.problems(f)]
+    loo = []
+    for k, stem in enumerate(stems):
+        rest = features[:k] + features[k + 1:]
+        ranges = quality.widened({name: (min(r[name] for r in rest if np.isfinite(r[name])),
+                                          max(r[name] for r in rest if np.isfinite(r[name])))
+                                  for name in quality.MEASURED})
+        found = quality.problems(features[k], ranges)
+        if found:
+            loo.append({"stem": stem, "reasons": found})
+    batch, truth = np.stack(images), np.stack(masks)
+    classical = ClassicalSegmenter()
+    raw, reasons = _flagged_raw(classical, batch)
+    checked, fallback = classical.segment(batch)
+    dice_raw, dice_checked = lung_dice(raw, truth).mean(axis=1), lung_dice(checked, truth).mean(axis=1)
+    flagged = [{"stem": s, "dice_before": round(float(d), 4), "dice_prior": round(float(c), 4), "reason": r}
+               for s, d, c, r in zip(stems, dice_raw, dice_checked, reasons) if r.startswith(quality.FLAG_PREFIX)]
+    result = {"margin": quality.MARGIN, "measured": {k: [round(a, 4), round(b, 4)] for k, (a, b) in measured.items()},
+              "true_flagged_in_sample": in_sample, "true_flagged_leave_one_out": loo,
+              "classical": {"n_images": len(stems), "flagged": len(flagged),
+                            "dice_without_flags": round(float(dice_raw.mean()), 4),
+                            "dice_with_flags": round(float(dice_checked.mean()), 4), "films": flagged}}
+    log.info("flags: true masks flagged %d in-sample, %d leave-one-out; classical %d flagged, Dice %.4f -> %.4f",
+             len(in_sample), len(loo), len(flagged), dice_raw.mean(), dice_checked.mean())
+    if nih_dir is not None and nih_dir.is_dir():
+        samples = find_samples(nih_dir)
+        sets = {"preview16": pick_evenly(samples, 16), f"even{nih_n}": pick_evenly(samples, nih_n)}
+        result["nih"] = {}
+        for name, chosen in sets.items():
+            films = np.stack([read_gray(s.image_path) for s in chosen])
+            row = {"n_images": len(chosen)}
+            for spec in ("classical", "unet"):
+                _, found = _flagged_raw(load_segmenter(spec), films)
+                row[spec] = {"flagged": sum(r.startswith(quality.FLAG_PREFIX) for r in found),
+                             "own_check": sum(r == "own check" for r in found),
+                             "films": {s.stem: r for s, r in zip(chosen, found) if r} if name == "preview16" else {}}
+            result["nih"][name] = row
+            log.info("flags on NIH %s: classical %d, unet %d flagged of %d", name, row["classical"]["flagged"],
+                     row["unet"]["flagged"], len(chosen))
+    return result
+
+
+def write_flags_markdown(result: dict, path: Path) -> None:
+    f = result["flags"]
+    c = f["classical"]
+    lines = ["# Gross-failure flags of lung masks (`gren.lungs.quality`)", "",
+             f"Machine: {result.get('machine')}.  Date: {result.get('date')}.", "",
+             f"Ranges: [min, max] over the {result['n_images']} real films' true masks, widened by "
+             f"{f['margin']:.0%} of their width on each side (bounds no mask can pass left open).", "",
+             "| feature | min | max |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {a:.3f} | {b:.3f} |" for k, (a, b) in f["measured"].items()]
+    lines += ["", "| masks | films | flagged | notes |", "| --- | ---: | ---: | --- |",
+              f"| true masks, ranges from all films | {result['n_images']} | {len(f['true_flagged_in_sample'])} "
+              "| in-sample (0 by construction) |",
+              f"| true masks, ranges from the other films | {result['n_images']} | "
+              f"{len(f['true_flagged_leave_one_out'])} | leave-one-out: the false-alarm rate on good masks |",
+              f"| classical | {c['n_images']} | {c['flagged']} | mean Dice {c['dice_without_flags']:.4f} without "
+              f"flags, {c['dice_with_flags']:.4f} with (flagged films get the prior) |"]
+    for name, row in f.get("nih", {}).items():
+        lines.append(f"| NIH {name}, classical | {row['n_images']} | {row['classical']['flagged']} | "
+                     f"+ {row['classical']['own_check']} by its own checks |")
+        lines.append(f"| NIH {name}, shipped U-Net | {row['n_images']} | {row['unet']['flagged']} | "
+                     f"+ {row['unet']['own_check']} by its own checks |")
+    if f["true_flagged_leave_one_out"]:
+        lines += ["", "Leave-one-out false alarms: " + "; ".join(
+            f"{r['stem']} ({', '.join(r['reasons'])})" for r in f["true_flagged_leave_one_out"])]
+    if c["films"]:
+        lines += ["", "Classical films flagged (Dice of the flagged mask -> of the prior): " + "; ".join(
+            f"{r['stem']} {r['dice_before']:.3f} -> {r['dice_prior']:.3f} ({r['reason'][len(quality.FLAG_PREFIX):]})"
+            for r in c["films"])]
+    preview = f.get("nih", {}).get("preview16")
+    if preview:
+        for spec in ("classical", "unet"):
+            lines += ["", f"NIH preview films flagged, {spec}: " + ("; ".join(
+                f"{stem} ({reason[len(quality.FLAG_PREFIX):] if reason.startswith(quality.FLAG_PREFIX) else reason})"
+                for stem, reason in preview[spec]["films"].items()) or "none")]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Lung segmentation benchmark", "",
              f"Data: {result.get('data')} ({result.get('n_images')} real films, 512 x 512).  ",
@@ -175,6 +287,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--nih", default=str(shared_data_dir() / "nih"), help="NIH folder for the flags part")
+    parser.add_argument("--nih-n", type=int, default=160, help="NIH films spread over the folder (flags part)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -189,6 +303,14 @@ def main() -> int:
     result.update({"data": args.data, "n_images": len(stems), "machine": machine(),
                    "date": datetime.datetime.now().isoformat(timespec="seconds")})
     parts = {p.strip() for p in args.parts.split(",")}
+    if "flags" in parts:
+        flags = {"n_images": len(stems), "machine": machine(), "date": result["date"],
+                 "flags": bench_flags(stems, images, masks, Path(args.nih), args.nih_n)}
+        (out / "lung_flags.json").write_text(json.dumps(flags, indent=1) + "\n")
+        write_flags_markdown(flags, out / "lung_flags.md")
+        log.info("wrote %s", out / "lung_flags.md")
+        if parts == {"flags"}:
+            return 0
     if "classical" in parts:
         result["classical"] = bench_classical(stems, images, masks)
         result["classical_out_of_fold"] = bench_classical_out_of_fold(stems, images, masks, args.folds, args.seed)

@@ -138,7 +138,7 @@ def test_round_trip_images_masks_boxes_labels_hashes(raw_dir, reference):
             assert cache.records.loc[row, "mask_source"] == "dataset"
             assert not cache.lung_fallback[row]
         else:
-            assert cache.records.loc[row, "mask_source"] == "classical"
+            assert cache.records.loc[row, "mask_source"] == "unet"  # auto: the shipped U-Net
         assert set(np.unique(cache.lung_masks[row])) <= {0, 1, 2}
         expected_labels = np.zeros(len(LABELS), dtype=np.uint8)
         for name in labels.split("|"):

@@ -11,7 +11,8 @@ from gren.lungs.segment import SPEC_HELP
 
 GROUP = "lungs"
 NAME = "evaluate"
-HELP = "Dice of each lung and their mean over every image in DIR that has a mask"
+HELP = ("Dice of each lung and their mean over every image in DIR that has a mask, with the fallbacks "
+        "and gross-failure flags")
 
 log = logging.getLogger(__name__)
 _LOGGED_SKIPS = 10
@@ -76,13 +77,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print("| lungs | images | right lung (1) | left lung (2) | mean | fallbacks |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| lungs | images | right lung (1) | left lung (2) | mean | fallbacks | of which flagged "
+          "| true masks flagged |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     if result["n_skipped"]:
         print(f"({result['n_skipped']} unreadable image(s) skipped)")
     print(f"| {args.lungs} | {result['n_images']} | {result['right_lung']:.4f} | {result['left_lung']:.4f} "
-          f"| {result['mean']:.4f} | {result['fallback']} |")
+          f"| {result['mean']:.4f} | {result['fallback']} | {result['flagged']} | {result['true_masks_flagged']} |")
     worst = sorted(result["images"], key=lambda r: r["mean"])[:5]
     if worst:
         print("\nlowest Dice: " + ", ".join(f"{r['stem']} {r['mean']:.3f}" for r in worst))
+    flagged = [r for r in result["images"] if r["flagged"]]
+    if flagged:
+        print("flagged (gross failure, prior used): " + "; ".join(f"{r['stem']} ({r['reason'][6:]})" for r in flagged[:10]))
     return 0

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="number of images, spread over the folder (default 16)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in pixels")
     parser.add_argument("--columns", type=int, default=4)
+    parser.add_argument("--raw", action="store_true",
+                        help="draw the masks as segmented, before the gross-failure flags (flagged films are "
+                        "captioned FLAG but keep their mask instead of the prior)")
 
 
 OUT_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -58,14 +61,18 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_path(args.out)  # before the segmenter and the images: fail fast
     from gren.lungs.dice import lung_dice
     from gren.lungs.folder import find_samples, read_gray, read_mask
-    from gren.lungs.segment import load_segmenter
+    from gren.lungs.quality import FLAG_PREFIX, check_mask
+    from gren.lungs.segment import load_segmenter, segment_with_reasons
     from gren.lungs.tools import contact_sheet, overlay_tile, pick_evenly
 
     segmenter = load_segmenter(args.lungs)
+    if args.raw and hasattr(segmenter, "check"):
+        segmenter.check = False
     samples = pick_evenly(find_samples(args.data), max(1, args.n))
     tiles = []
     fallbacks = 0
     skipped = 0
+    flagged = 0
     for sample in samples:
         try:
             image = read_gray(sample.image_path)
@@ -74,13 +81,19 @@ def run(args: argparse.Namespace) -> int:
             log.warning("skipped %s: %s", sample.stem, err)
             skipped += 1
             continue
-        masks, fallback = segmenter.segment(image[None])
+        masks, fallback, reasons = segment_with_reasons(segmenter, image[None])
+        if args.raw and not fallback[0]:
+            reasons = [check_mask(image, masks[0])]
         caption = sample.stem[:18]
         if truth is not None:
             caption += f" {lung_dice(masks[0], truth).mean():.2f}"
-        if fallback[0]:
+        if reasons[0].startswith(FLAG_PREFIX):
+            caption += " FLAG" if args.raw else " FLAG prior"
+            flagged += 1
+            log.info("%s: flagged, %s", sample.stem, reasons[0][len(FLAG_PREFIX):])
+        elif fallback[0]:
             caption += " prior"
-            fallbacks += 1
+        fallbacks += bool(fallback[0])
         tiles.append(overlay_tile(image, masks[0], truth, args.tile, caption))
     if skipped:
         log.warning("%d of %d images skipped as unreadable", skipped, len(samples))
@@ -90,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         contact_sheet(tiles, args.columns).save(out)
     except OSError as err:
         raise GrenError(f"{out}: cannot write the contact sheet ({err.strerror or err})") from err
-    log.info("wrote %s: %d images, %d fell back to the prior (red: right lung = image left, blue: left lung)",
-             out, len(tiles), fallbacks)
+    log.info("wrote %s: %d images, %d fell back to the prior, %d of them flagged as gross failures "
+             "(red: right lung = image left, blue: left lung)", out, len(tiles), fallbacks, flagged)
     print(out)
     return 0

@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lungs",
         default="auto",
         metavar="SPEC",
-        help="lung masks: auto (the dataset's masks/ where present, else classical), masks, classical, "
-        "unet:PATH (default auto)",
+        help="lung masks: auto (the dataset's masks/ where present, else the shipped U-Net), masks, classical, "
+        "unet (the shipped U-Net), unet:PATH (default auto)",
     )
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help=f"worker processes (default: CPU count, {os.cpu_count()} here; 1 = no pool)")

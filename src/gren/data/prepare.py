@@ -5,7 +5,8 @@
 * each image is decoded and resized once to ``S x S`` uint8 (:func:`gren.core.imageio.read_gray_resized`,
   the same antialiased resize that :class:`gren.data.dataset.RawDataset` applies per item);
 * its lung masks at ``S x S``: the dataset's own ``masks/<stem>.png`` (NEAREST-resized) when the lungs
-  spec allows it and the file is there, else a segmenter (``classical`` or ``unet:PATH``);
+  spec allows it and the file is there, else a segmenter (the shipped ``unet``, ``classical`` or
+  ``unet:PATH``);
 * the two 64-bit lung hashes, computed on the cached ``S x S`` image and masks (cheap, and exactly what
   the cache holds, so anyone can recompute them from the cache);
 * labels, boxes (scaled from real-image pixels to ``S`` pixels) and the records table.
@@ -65,9 +66,17 @@ _MAX_LOGGED_FAILURES = 20
 class LungsSpec:
     """A parsed ``--lungs`` value.
 
-    ``spec``: as given (``auto``, ``masks``, ``classical``, ``unet:PATH``); ``use_dataset_masks``: take
-    ``masks/<stem>.png`` when present; ``segmenter``: the :func:`gren.lungs.segment.load_segmenter` spec
-    for images without a usable dataset mask.
+    ``spec``: what the cache records and is keyed on: ``auto+<segmenter>`` / ``masks+<segmenter>``
+    (``auto`` and ``masks`` resolved to the segmenter they use for images without a dataset mask),
+    ``classical``, ``unet@<sha256[:16]>`` (the shipped U-Net) or ``unet:<absolute PATH>``. The shipped
+    U-Net is recorded by its file's SHA-256, so a cache made by another segmenter (e.g. by the old
+    ``auto`` = classical) or another shipped model is never silently reused. ``use_dataset_masks``:
+    take ``masks/<stem>.png`` when present; ``segmenter``: the
+    :func:`gren.lungs.segment.load_segmenter` spec for images without a usable dataset mask.
+
+    ``auto`` (and ``masks``) segment with the shipped U-Net (``unet``); in an install without its
+    weights file they use ``classical`` and say so in the log. A recorded spec (``auto+unet@HASH``, as in
+    a cache's ``meta.json``) parses back to itself while the shipped model is the same.
     """
 
     spec: str
@@ -76,9 +85,27 @@ class LungsSpec:
 
     @classmethod
     def parse(cls, spec: str) -> LungsSpec:
+        from gren.lungs.segment import SHIPPED_WEIGHTS, shipped_sha256
+
         spec = str(spec).strip()
-        if spec in ("auto", "masks"):
-            return cls(spec, True, "classical")
+        mode, plus, recorded = spec.partition("+")
+        if mode in ("auto", "masks"):
+            if plus and recorded == "classical":
+                return cls(spec, True, "classical")
+            if not SHIPPED_WEIGHTS.is_file() and not plus:
+                log.warning("--lungs %s: the shipped lung U-Net %s is missing; images without a dataset mask "
+                            "get the classical segmenter", mode, SHIPPED_WEIGHTS)
+                return cls(f"{mode}+classical", True, "classical")
+            inner = cls.parse(recorded) if plus else cls.parse("unet")
+            if not inner.spec.startswith("unet@"):
+                raise GrenError(f"--lungs {spec!r}: expected auto, masks, classical, unet or unet:PATH")
+            return cls(f"{mode}+{inner.spec}", True, "unet")
+        if spec == "unet" or spec.startswith("unet@"):
+            current = f"unet@{shipped_sha256()[:16]}"
+            if spec != "unet" and spec != current:
+                raise GrenError(f"--lungs {spec}: recorded with another shipped lung U-Net than this gren's "
+                                f"({current}); prepare again with --force to use this one")
+            return cls(current, False, "unet")
         if spec == "classical":
             return cls(spec, False, "classical")
         match = _UNET_RE.match(spec)
@@ -87,7 +114,14 @@ class LungsSpec:
             if not weights.is_file():
                 raise GrenError(f"--lungs {spec}: U-Net weights file {weights} not found")
             return cls(f"unet:{weights.resolve()}", False, f"unet:{weights.resolve()}")
-        raise GrenError(f"--lungs {spec!r}: expected auto, masks, classical or unet:PATH")
+        raise GrenError(f"--lungs {spec!r}: expected auto, masks, classical, unet or unet:PATH")
+
+    @property
+    def mode(self) -> str:
+        """The spec as a user names it: ``auto``, ``masks``, ``classical``, ``unet`` or ``unet:PATH``."""
+        if self.spec.startswith("unet@"):
+            return "unet"
+        return self.spec.partition("+")[0] if not self.spec.startswith("unet:") else self.spec
 
     @property
     def segmenter_name(self) -> str:
@@ -582,8 +616,9 @@ def prepare_cache(
     """Prepare the NIH-layout folder ``data_dir`` into the cache directory ``out_dir``.
 
     ``size``: side S in pixels of the cached images and masks. ``lungs``: ``auto`` (the dataset's
-    ``masks/<stem>.png`` where present, else classical segmentation), ``masks`` (as auto, but the
-    folder must have a ``masks/`` directory), ``classical`` or ``unet:PATH`` (segment every image).
+    ``masks/<stem>.png`` where present, else the shipped lung U-Net), ``masks`` (as auto, but the
+    folder must have a ``masks/`` directory), ``classical``, ``unet`` (the shipped U-Net) or
+    ``unet:PATH`` (segment every image); see :class:`LungsSpec`.
     ``workers``: processes (default: CPU count; ``<= 1`` runs in this process). ``chunk_size``: images
     per unit of work and of resumption. ``force``: replace a cache of other parameters in ``out_dir``.
 
@@ -605,7 +640,7 @@ def prepare_cache(
         raise DataError(f"{data_dir}: data folder not found")
     if out_dir.exists() and not out_dir.is_dir():
         raise GrenError(f"--out {out_dir}: exists and is not a folder; expected a new, empty or cache folder")
-    if lungs_spec.spec == "masks" and not (data_dir / "masks").is_dir():
+    if lungs_spec.mode == "masks" and not (data_dir / "masks").is_dir():
         raise DataError(f"{data_dir}: --lungs masks needs a masks/ folder with <stem>.png lung masks")
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
 

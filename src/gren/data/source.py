@@ -25,10 +25,12 @@ CACHE_SUBDIR = ".gren_cache"
 
 
 def _lungs_tag(spec: LungsSpec) -> str:
-    """A folder-name-safe tag of a lungs spec: ``auto``, ``masks``, ``classical``, ``unet-<hash of PATH>``."""
+    """A folder-name-safe tag of a lungs spec: ``auto``, ``masks``, ``classical``, ``unet`` (the shipped
+    model: its hash is in the cache's recorded spec, so a new one re-prepares the same folder),
+    ``unet-<hash of PATH>``."""
     if spec.spec.startswith("unet:"):
         return "unet-" + hashlib.sha1(spec.spec.encode()).hexdigest()[:10]
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", spec.spec)
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", spec.mode)
 
 
 def _writable(folder: Path) -> bool:

@@ -18,8 +18,10 @@ Method (all in a square working frame of ``work_size`` pixels, default 256):
    margins brighter than the lung's core (costophrenic angles, behind the heart and the diaphragm dome);
    the 0.8 level and the small dilation (chosen by cross-validation over the 90 real films, see
    benchmarks/bench_lungs.py) keep them.
-5. Sanity checks (fit contrast, area fractions, left/right balance, vertical extent). A film that fails
-   gets the anatomical prior (the outline at its mean scale in the body frame) and ``fallback=True``.
+5. Sanity checks (fit contrast, area fractions, left/right balance, vertical extent), then the
+   gross-failure flags of :mod:`gren.lungs.quality` (a lung outside the body, in the neck or abdomen, far
+   from its usual size / position). A film that fails gets the anatomical prior (the outline at its mean
+   scale in the body frame) and ``fallback=True``.
 
 The template fit is what makes it robust on AP supine ICU films: lines, tubes, opacified (white)
 lower lobes and outside air change the darkness map locally but not the best-matching lung outline.
@@ -173,6 +175,8 @@ class ClassicalSegmenter:
         outside_penalty: darkness given to air outside the body (negative: "not lung").
         use_midline: split the sides at the spine column (else at the body frame's centre).
         outline: the lung outline table (default :data:`LUNG_OUTLINE`; see :func:`outline_from_masks`).
+        check: apply the gross-failure flags of :func:`gren.lungs.quality.check_mask` (False: only the
+            segmenter's own sanity checks).
     """
 
     name = "classical"
@@ -181,7 +185,8 @@ class ClassicalSegmenter:
                  scales: tuple[float, ...] = (0.95, 1.05, 1.15, 1.25, 1.35), max_shift: float = 1 / 6,
                  refine_weight: float = 8.0, prior_blur: float = 0.03, min_contrast: float = 0.04,
                  outside_penalty: float = 0.1, use_midline: bool = True, outline: Outline | None = None,
-                 refine_level: float = 0.8, grow: float = 0.008):
+                 refine_level: float = 0.8, grow: float = 0.008, check: bool = True):
+        self.check = check
         self.work_size = work_size
         self.fit_size = fit_size
         self.scales = tuple(scales)
@@ -319,7 +324,9 @@ class ClassicalSegmenter:
         work_mask = np.zeros((size, size), np.uint8)
         work_mask[y0:y1, x0:x1] = frame_mask
 
-        problem = self._check(work_mask, fits)
+        from gren.lungs.quality import check_mask  # quality imports this module's helpers
+
+        problem = self._check(work_mask, fits) or (check_mask(image, work_mask) if self.check else "")
         info["problem"] = problem
         if problem:
             work_mask = np.zeros((size, size), np.uint8)
@@ -364,18 +371,22 @@ class ClassicalSegmenter:
         return ""
 
     # ---- batches ------------------------------------------------------------------------------
-    def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images uint8 (B, H, W) -> (masks uint8 (B, H, W) in {0,1,2}, fallback bool (B,))."""
+    def segment(self, images: np.ndarray, return_reasons: bool = False):
+        """images uint8 (B, H, W) -> (masks uint8 (B, H, W) in {0,1,2}, fallback bool (B,)), plus with
+        ``return_reasons`` a list of B texts: '' or why image i fell back (a gross-failure flag of
+        :mod:`gren.lungs.quality` starts with ``quality.FLAG_PREFIX``)."""
         images = np.asarray(images)
         if images.ndim == 2:
             images = images[None]
         masks = np.zeros(images.shape, np.uint8)
         fallback = np.zeros(len(images), bool)
+        reasons = [""] * len(images)
         for i, image in enumerate(images):
             masks[i], fallback[i], info = self.segment_one(image)
+            reasons[i] = info["problem"]
             if fallback[i]:
                 log.debug("classical lung segmentation fell back to the prior: %s", info["problem"])
-        return masks, fallback
+        return (masks, fallback, reasons) if return_reasons else (masks, fallback)
 
 
 def _render_rect(label: int, height: int, width: int, fit: FitResult, outline: Outline | None = None) -> np.ndarray:

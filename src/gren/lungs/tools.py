@@ -14,6 +14,8 @@ from tqdm import tqdm
 from gren.core.errors import GrenError
 from gren.lungs.dice import lung_dice, summarize_dice
 from gren.lungs.folder import LungSample, read_gray, read_mask
+from gren.lungs.quality import FLAG_PREFIX, check_mask
+from gren.lungs.segment import segment_with_reasons
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +74,30 @@ def evaluate_samples(segmenter, samples: list[LungSample], batch_size: int = 16,
     """Dice of ``segmenter`` against each sample's mask.
 
     Returns a dict: ``n_images``, ``right_lung``, ``left_lung``, ``mean`` (Dice means), ``fallback``
-    (count), ``images`` (list of per-image dicts: ``stem``, ``right_lung``, ``left_lung``, ``mean``,
-    ``fallback``).
+    (count of images that got the prior), ``flagged`` (of those, the ones a gross-failure flag of
+    :mod:`gren.lungs.quality` sent there), ``true_masks_flagged`` (the flags' false alarms: how many of
+    the folder's own masks they would flag), ``images`` (list of per-image dicts: ``stem``,
+    ``right_lung``, ``left_lung``, ``mean``, ``fallback``, ``flagged``, ``reason``).
     """
     rows = []
+    true_flagged = 0
     with tqdm(total=len(samples), desc="lungs evaluate", unit="img", disable=not progress or None) as bar:
         for batch, images in iter_batches(samples, batch_size):
-            masks, fallback = segmenter.segment(images)
+            masks, fallback, reasons = segment_with_reasons(segmenter, images)
             truths = np.stack([read_mask(s.mask_path, images.shape[1:]) for s in batch])
+            true_flagged += sum(bool(check_mask(image, truth)) for image, truth in zip(images, truths))
             scores = lung_dice(masks, truths)
-            for sample, score, fell_back in zip(batch, scores, fallback):
+            for sample, score, fell_back, reason in zip(batch, scores, fallback, reasons):
                 rows.append({"stem": sample.stem, "right_lung": round(float(score[0]), 4),
                              "left_lung": round(float(score[1]), 4), "mean": round(float(score.mean()), 4),
-                             "fallback": bool(fell_back)})
+                             "fallback": bool(fell_back), "flagged": reason.startswith(FLAG_PREFIX),
+                             "reason": reason})
             bar.update(len(batch))
     scores = np.array([[r["right_lung"], r["left_lung"]] for r in rows]).reshape(-1, 2)
     summary = {k: round(v, 4) for k, v in summarize_dice(scores).items()}
-    return {"n_images": len(rows), **summary, "fallback": int(sum(r["fallback"] for r in rows)), "images": rows}
+    return {"n_images": len(rows), **summary, "fallback": int(sum(r["fallback"] for r in rows)),
+            "flagged": int(sum(r["flagged"] for r in rows)), "true_masks_flagged": int(true_flagged),
+            "images": rows}
 
 
 def overlay_tile(image: np.ndarray, predicted: np.ndarray | None, truth: np.ndarray | None, tile: int,

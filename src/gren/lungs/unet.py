@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gren.core.atomic import atomic_path
 from gren.core.errors import GrenError
 from gren.lungs.classical import largest_component, prior_mask
+from gren.lungs.quality import check_mask
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +258,16 @@ class UNetSegmenter:
 
     ``segment`` resizes each batch to the network size, upsamples the logits bilinearly to the input
     size, takes the arg-max, keeps the largest component per lung (holes filled). An image where a lung
-    is missing or tiny (< 2 % of the image) gets the anatomical prior and ``fallback=True``.
+    is missing or tiny (< 2 % of the image), or (``check``, the default) that a gross-failure flag of
+    :func:`gren.lungs.quality.check_mask` fires on, gets the anatomical prior and ``fallback=True``.
     """
 
     name = "unet"
 
-    def __init__(self, model: LungUNet, config: dict, batch_size: int = 16, min_area: float = 0.02):
+    def __init__(self, model: LungUNet, config: dict, batch_size: int = 16, min_area: float = 0.02,
+                 check: bool = True):
         self.model = model.eval()
+        self.check = check
         self.config = config
         self.size = int(config["size"])
         self.batch_size = batch_size
@@ -287,21 +291,30 @@ class UNetSegmenter:
             out.append(logits.softmax(dim=1))
         return torch.cat(out)
 
-    def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images uint8 (B, H, W) -> (masks uint8 (B, H, W) in {0,1,2}, fallback bool (B,))."""
+    def segment(self, images: np.ndarray, return_reasons: bool = False):
+        """images uint8 (B, H, W) -> (masks uint8 (B, H, W) in {0,1,2}, fallback bool (B,)), plus with
+        ``return_reasons`` a list of B texts: '' or why image i fell back (a gross-failure flag of
+        :mod:`gren.lungs.quality` starts with ``quality.FLAG_PREFIX``)."""
         images = np.asarray(images)
         if images.ndim == 2:
             images = images[None]
         labels = self.probabilities(images).argmax(dim=1).to(torch.uint8).numpy()
         masks = np.zeros(images.shape, np.uint8)
         fallback = np.zeros(len(images), bool)
+        reasons = [""] * len(images)
         area = images.shape[1] * images.shape[2]
         for i, predicted in enumerate(labels):
             for lung in (1, 2):
                 region = predicted == lung
                 if region.any():
                     masks[i][largest_component(region) & (masks[i] == 0)] = lung
-            if min((masks[i] == 1).sum(), (masks[i] == 2).sum()) < self.min_area * area:
+            smaller = min((masks[i] == 1).sum(), (masks[i] == 2).sum())
+            if smaller < self.min_area * area:
+                reasons[i] = f"a lung covers {smaller / area:.3f} of the image, under {self.min_area}"
+            elif self.check:
+                reasons[i] = check_mask(images[i], masks[i])
+            if reasons[i]:
+                log.debug("U-Net lung segmentation fell back to the prior: %s", reasons[i])
                 masks[i] = prior_mask(*images.shape[1:])
                 fallback[i] = True
-        return masks, fallback
+        return (masks, fallback, reasons) if return_reasons else (masks, fallback)
