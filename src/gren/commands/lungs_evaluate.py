@@ -38,17 +38,22 @@ def evaluate_skipping(segmenter, samples: list, batch_size: int, progress: bool 
 
     rows: list[dict] = []
     skipped: list[dict] = []
+    true_flagged = 0
     step = max(1, int(batch_size))
     with progress_bar(total=len(samples), desc="lungs evaluate", unit="img", disable=not progress,
                       logger=log) as bar:
         for start in range(0, len(samples), step):
             batch = samples[start:start + step]
             try:
-                rows += evaluate_samples(segmenter, batch, step, progress=False)["images"]
+                part = evaluate_samples(segmenter, batch, step, progress=False)
+                rows += part["images"]
+                true_flagged += part["true_masks_flagged"]
             except DataError:  # ImageReadError included: find the bad ones
                 for sample in batch:
                     try:
-                        rows += evaluate_samples(segmenter, [sample], 1, progress=False)["images"]
+                        part = evaluate_samples(segmenter, [sample], 1, progress=False)
+                        rows += part["images"]
+                        true_flagged += part["true_masks_flagged"]
                     except DataError as err:
                         if len(skipped) < _LOGGED_SKIPS:
                             log.warning("skipped %s: %s", sample.stem, err)
@@ -63,6 +68,7 @@ def evaluate_skipping(segmenter, samples: list, batch_size: int, progress: bool 
     scores = [[r["right_lung"], r["left_lung"]] for r in rows]
     summary = {k: round(v, 4) for k, v in summarize_dice(scores).items()}
     return {"n_images": len(rows), **summary, "fallback": int(sum(r["fallback"] for r in rows)),
+            "flagged": int(sum(r["flagged"] for r in rows)), "true_masks_flagged": int(true_flagged),
             "n_skipped": len(skipped), "skipped": skipped, "images": rows}
 
 
@@ -80,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
     print("| lungs | images | right lung (1) | left lung (2) | mean | fallbacks | of which flagged "
           "| true masks flagged |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    if result["n_skipped"]:
-        print(f"({result['n_skipped']} unreadable image(s) skipped)")
     print(f"| {args.lungs} | {result['n_images']} | {result['right_lung']:.4f} | {result['left_lung']:.4f} "
           f"| {result['mean']:.4f} | {result['fallback']} | {result['flagged']} | {result['true_masks_flagged']} |")
+    if result["n_skipped"]:
+        print(f"({result['n_skipped']} unreadable image(s) skipped)")
     worst = sorted(result["images"], key=lambda r: r["mean"])[:5]
     if worst:
         print("\nlowest Dice: " + ", ".join(f"{r['stem']} {r['mean']:.3f}" for r in worst))
