@@ -14,6 +14,7 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import shlex
 import subprocess
@@ -30,13 +31,20 @@ ROOT = HERE.parent
 # cross-validations prepare) comes after it.
 SECTIONS = [
     ("phash", "bench_phash.py", "Perceptual hash: ours vs imagehash"),
+    ("phash_onednn_avx2", "ONEDNN_MAX_CPU_ISA=AVX2 bench_phash.py --name phash_onednn_avx2",
+     "Perceptual hash with oneDNN held to AVX2"),
     ("hash_signal", "hash_signal.py", "Does the lung hash carry the signal GREN assumes?"),
     ("lungs", "bench_lungs.py", "Lung segmentation Dice on real films"),
+    ("shipped_lungs", "train_shipped_lungs.py --parts cv", "The shipped lung U-Net: cross-validated Dice"),
+    ("lung_flags", "bench_lungs.py --parts flags", "Gross-failure flags of the lung segmenters"),
+    ("backbones", "bench_backbones.py", "Backbones: ResNet-18 vs EfficientNet-Lite0 training step"),
     ("synth", "bench_synth.py", "Synthetic data generator speed"),
     ("prepare", "bench_prepare.py", "`gren prepare`: cached loading vs on-the-fly decoding"),
     ("train_step", "bench_train_step.py", "Training step: baseline vs GREN variants"),
     ("eval", "bench_eval.py", "Evaluation speed"),
     ("demo", "bench_demo.py", "`gren demo` end to end"),
+    ("protocol_port", "compare_eval.py /tmp/demo-orig /tmp/demo-new",
+     "The method protocol port: the demo's eval.json before and after"),
     ("synthetic_crossval", "exp_synthetic_crossval.py --out runs/synthetic-crossval "
      "--explore 'gren-intra lambda x10;gren paper form, lambda x10'", "Synthetic default: 5-fold ablation table"),
     ("synthetic_crossval_large", "exp_synthetic_crossval.py --out runs/synthetic-large --n 4000 "
@@ -110,13 +118,18 @@ def run_scripts(only: set[str] | None) -> None:
     for name, script, _ in SECTIONS:
         if only and name not in only:
             continue
-        script_name, *script_args = shlex.split(script)
+        words = shlex.split(script)
+        env = dict(os.environ)
+        while words and "=" in words[0] and not words[0].endswith(".py"):  # NAME=VALUE prefixes set the environment
+            key, value = words.pop(0).split("=", 1)
+            env[key] = value
+        script_name, *script_args = words
         path = HERE / script_name
         if not path.exists():
             log.warning("no script %s; skipping %s", script_name, name)
             continue
         log.info("running %s", script)
-        subprocess.run([sys.executable, str(path), *script_args], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, str(path), *script_args], check=True, cwd=ROOT, env=env)
 
 
 def assemble() -> str:
