@@ -259,25 +259,12 @@ def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], reg
     longest = max(width, height)
     scale = min(OVERLAY_MAX_SIDE / longest, max(1.0, OVERLAY_MIN_SIDE / longest))
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    film = Image.fromarray(gray, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR)
-    canvas = np.repeat(np.asarray(film, dtype=np.float32)[..., None], 3, axis=2)
+    film = np.asarray(Image.fromarray(gray, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR))
     heat_classes = list(classes if heat_classes is None else heat_classes)
     limits = np.broadcast_to(np.asarray(cell_threshold, dtype=np.float64), (maps.shape[0],))
     line = max(2, round(max(out_w, out_h) / 300))
     tops = heat_tops(maps, heat_classes, heat_scale)
-    drawn_order = heat_classes[::-1]  # the most probable on top
-    for k in drawn_order:
-        value = np.clip(np.nan_to_num(_cell_mask(maps[k], (out_w, out_h))) / tops[k], 0.0, 1.0)
-        alpha = HEAT_ALPHA * value[..., None]
-        canvas = canvas * (1.0 - alpha) + np.asarray(class_colour(k), dtype=np.float32) * alpha
-    for k in drawn_order:
-        positive = _cell_mask((maps[k] > limits[k]).astype(np.float32), (out_w, out_h)) > 0.5
-        if positive.any():
-            edge = positive & ~ndimage.binary_erosion(positive, iterations=line, border_value=0)
-            halo = ndimage.binary_dilation(edge, iterations=1) & ~edge
-            canvas[halo] = 0.0  # a dark rim keeps the outline visible on bright film
-            canvas[edge] = class_colour(k)
-    base = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    base = Image.fromarray(heat_overlay(film, maps, heat_classes, limits, tops, line), mode="RGB")
     draw = ImageDraw.Draw(base)
     font = _font(max(10, round(max(out_w, out_h) / 40)))
     stroke = max(1, line // 2)
@@ -307,6 +294,28 @@ def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], reg
             draw.text((x, y), text, fill=class_colour(k), font=font, stroke_width=stroke, stroke_fill=(0, 0, 0))
     return _with_legend(base, heat_classes, limits, probabilities, regions, ground_truth is not None and
                         len(ground_truth) > 0, font, method, tops)
+
+
+def heat_overlay(film: np.ndarray, maps: np.ndarray, classes: Sequence[int], limits: np.ndarray,
+                 tops: dict[int, float], line: int, outline: tuple[int, int, int] | None = None) -> np.ndarray:
+    """uint8 ``(H, W, 3)``: the uint8 ``(H, W)`` ``film`` tinted by each class's map (``maps`` ``(K, h, w)``
+    covering it) with opacity ``HEAT_ALPHA * map / tops[k]``, then the outline (``line`` px, dark rim; in
+    ``outline`` or the class's colour) of its cells ``> limits[k]``; the first of ``classes`` is drawn on top."""
+    height, width = film.shape
+    canvas = np.repeat(np.asarray(film, dtype=np.float32)[..., None], 3, axis=2)
+    drawn_order = list(classes)[::-1]
+    for k in drawn_order:
+        value = np.clip(np.nan_to_num(_cell_mask(maps[k], (width, height))) / tops[k], 0.0, 1.0)
+        alpha = HEAT_ALPHA * value[..., None]
+        canvas = canvas * (1.0 - alpha) + np.asarray(class_colour(k), dtype=np.float32) * alpha
+    for k in drawn_order:
+        positive = _cell_mask((maps[k] > limits[k]).astype(np.float32), (width, height)) > 0.5
+        if positive.any():
+            edge = positive & ~ndimage.binary_erosion(positive, iterations=line, border_value=0)
+            halo = ndimage.binary_dilation(edge, iterations=1) & ~edge
+            canvas[halo] = 0.0  # a dark rim keeps the outline visible on bright film
+            canvas[edge] = class_colour(k) if outline is None else outline
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
 
 
 HEAT_SCALES = ("image", "class", "absolute")
