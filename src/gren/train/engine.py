@@ -370,7 +370,8 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
 
 def validation_settings(config: dict, data: TrainingData) -> dict | None:
     """The checked ``validation`` section (``every``, ``select``, ``metric``, ``batch_size``), or None when
-    there is nothing to validate on (no ``data.validation``, or ``validation.fraction`` 0)."""
+    there is nothing to validate on (``data.validation`` None or empty: ``validation.fraction`` 0 in
+    :func:`open_training_data`)."""
     from gren.train.validation import parse_metric
 
     section = dict(config.get("validation") or {})
@@ -379,7 +380,7 @@ def validation_settings(config: dict, data: TrainingData) -> dict | None:
         raise GrenError(f"validation.every must be >= 1 (epochs), got {every}")
     metric = str(section.get("metric", "accuracy@0.1"))
     parse_metric(metric)  # a bad name fails before step 1
-    if data.validation is None or len(data.validation) == 0 or not float(section.get("fraction", 0.0) or 0.0) > 0:
+    if data.validation is None or len(data.validation) == 0:
         if bool(section.get("select", False)):
             log.warning("validation.select is set but there is no validation split (validation.fraction=0); "
                         "no best.pt will be kept")
