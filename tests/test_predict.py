@@ -78,11 +78,12 @@ def test_predict_files_json_overlay_and_failures(inputs, tmp_path):
     assert set(record["probabilities"]) == set(LABELS)
     assert [r["label"] for r in record["regions"]] == ["Effusion", "Effusion"]
     assert record["regions"][0]["box"] == pytest.approx([130 / 8, 90 / 8, 3 * 130 / 8, 3 * 90 / 8], abs=0.01)
-    assert "ground_truth" not in record
+    assert "ground_truth" not in record  # no dataset at all
     overlay = np.asarray(Image.open(out / "colour.png"))
-    assert overlay.shape == (354, 512, 3)  # small images are drawn enlarged to 512 px
+    # small images are drawn enlarged to 512 px; the legend strip comes below the 354 px film
+    assert overlay.shape[1:] == (512, 3) and overlay.shape[0] > 354
     inside, outside = overlay[80, 120], overlay[240, 120]  # a predicted cell vs a negative one
-    assert inside[0] > inside[1] + 40 and abs(int(outside[0]) - int(outside[1])) < 5  # red tint only inside
+    assert inside[0] > inside[1] + 40 and abs(int(outside[0]) - int(outside[1])) < 12  # faint where the maps are low
     assert (out / "deep16.png").is_file() and (out / "gray8.json").is_file()
 
 

@@ -3,18 +3,30 @@
 Per input image ``DIR/<stem>.json``::
 
     {"image": path, "image_size": [W, H], "model_input_size": S, "grid": [h, w], "method": name,
-     "cell_threshold": the method's (0.5 for grid-MIL, 180/255 for CAM) or --threshold, "class_threshold": 0.5,
+     "cell_threshold": the method's (0.5 for grid-MIL, 180/255 for CAM; a list when it differs per class)
+                       or --threshold, "class_threshold": 0.5,
      "probabilities": {label: the method's image-level score (Localization.scores), ... 14},
+     "heatmap_classes": [label, ...],     # the classes whose map the overlay draws
      "regions": [{"label", "probability", "box": [x1, y1, x2, y2] (image pixels), "cells", "max_cell_probability"}],
-     "ground_truth": [{"label", "box"}]    # only with --data, when the dataset knows the image
-    }
+     "ground_truth": [{"label", "box"}]    # with --data or the run's dataset: [] when it does not know the image;
+    }                                      # absent only when no dataset is available at all
 
-and ``DIR/<stem>.png``: the image with the predicted area (cells with ``p > cell_threshold`` of the
-reported classes) in translucent red, region outlines labelled with the class name, and the ground
-truth boxes in green. Reported classes: those whose image probability is at least ``class_threshold``
-(most probable first, at most ``top_k``); when none passes, the ``top_k`` most probable classes that
-have a positive cell. Regions are the 8-connected components of positive cells, as boxes in the
-image's own pixels (cell ``(i, j)`` spans ``[j W / w, (j + 1) W / w) x [i H / h, (i + 1) H / h)``).
+(no NaN: non-finite numbers are written as null), and ``DIR/<stem>.png``: the film at its own resolution
+(:func:`draw_overlay`) with the continuous map of each drawn class as a heat map (one colour per class,
+opacity proportional to the map value), the cells above the cell threshold outlined in the class's
+colour, the regions named with their class probability, the ground-truth boxes in green and a legend
+strip below the film. Reported classes (their regions are listed): those whose image probability is at
+least ``class_threshold`` (most probable first, at most ``top_k``); when none passes, the ``top_k`` most
+probable classes that have a positive cell. Drawn classes (:func:`heatmap_classes`): the reported ones,
+then the others above ``class_threshold``, else the most probable class, so an overlay always shows what
+the model sees even when no cell passes the threshold. Regions are the 8-connected components of
+positive cells, as boxes in the image's own pixels (cell ``(i, j)`` spans
+``[j W / w, (j + 1) W / w) x [i H / h, (i + 1) H / h)``).
+
+For downstream tools, one call also writes ``DIR/regions.csv`` (``image, label, probability, x1, y1, x2,
+y2, cells, max_cell_probability``: one row per region) and ``DIR/regions.coco.json`` (COCO-style
+``images``, ``categories`` (the 14 labels, ids 1-14), ``annotations`` with ``bbox [x, y, w, h]`` in image
+pixels and ``score``) of all its regions.
 
 Inputs: PNG / JPEG of any size and depth (:func:`gren.core.imageio.read_gray`), and DICOM with the
 optional ``pydicom`` (``pip install 'gren[dicom]'``): modality LUT (rescale slope / intercept), the
@@ -23,8 +35,11 @@ file's VOI window (else the 0.5-99.5 percentile range) to 8 bits, MONOCHROME1 in
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +50,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from gren.core.atomic import write_text_atomic
 from gren.core.errors import GrenError, ImageReadError
 from gren.core.imageio import DICOM_SUFFIXES, is_dicom, read_dicom_gray, read_gray  # noqa: F401 - re-exported
 from gren.core.labels import LABELS
@@ -42,10 +58,16 @@ from gren.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-OVERLAY_MAX_SIDE = 1024
-OVERLAY_MIN_SIDE = 512
-RED = (230, 30, 30)
-GREEN = (40, 220, 40)
+OVERLAY_MAX_SIDE = 4096  # films larger than this are drawn reduced (memory); NIH's 1024 px at their own size
+OVERLAY_MIN_SIDE = 512  # smaller films are drawn enlarged so that the text stays legible
+HEAT_ALPHA = 0.6  # opacity of a class's tint where its map is 1
+GREEN = (40, 220, 40)  # ground truth
+# tab20 indices of the class colours (LABELS order): the eight box classes get tab20's strong colours without
+# green and grey, the other six its light ones; greens (4, 5) and greys (14, 15) are left out.
+CLASS_PALETTE = (6, 0, 2, 8, 18, 12, 10, 16, 3, 1, 9, 19, 13, 11)
+REGIONS_CSV = "regions.csv"
+REGIONS_COCO = "regions.coco.json"
+CSV_COLUMNS = ("image", "label", "probability", "x1", "y1", "x2", "y2", "cells", "max_cell_probability")
 
 
 def read_any_gray(path: str | os.PathLike) -> np.ndarray:
@@ -172,54 +194,181 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def class_colour(k: int) -> tuple[int, int, int]:
+    """The fixed RGB colour of LABELS index ``k`` in every overlay (matplotlib's tab10 / tab20 without their
+    greens and greys, which are kept for the ground truth and the film)."""
+    from matplotlib import colormaps
+
+    rgb = colormaps["tab20"](CLASS_PALETTE[k % len(CLASS_PALETTE)])[:3]
+    return tuple(int(round(255 * c)) for c in rgb)
+
+
+def heatmap_classes(probabilities: np.ndarray, reported: Sequence[int], class_threshold: float,
+                    top_k: int) -> list[int]:
+    """LABELS indices whose continuous map is drawn: the reported classes (those with regions), then the other
+    classes whose image probability is ``>= class_threshold``, most probable first, at most ``max(top_k, 1)``;
+    when that leaves none, the single most probable class (an overlay is never a bare film).
+    ``probabilities``: ``(K,)``."""
+    order = [int(k) for k in np.argsort(-probabilities, kind="stable")]
+    chosen = list(dict.fromkeys([*reported, *[k for k in order if probabilities[k] >= class_threshold]]))
+    chosen = chosen[:max(1, top_k)] or order[:1]
+    return sorted(chosen, key=lambda k: -probabilities[k])
+
+
+def _cell_mask(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A ``(h, w)`` array of cell values -> ``(height, width)`` float32, each cell the block of pixels it covers
+    (cell ``(i, j)`` spans ``[j W / w, (j + 1) W / w) x [i H / h, (i + 1) H / h)``; no interpolation)."""
+    h, w = cells.shape
+    width, height = size
+    rows = np.minimum((np.arange(height) * h) // height, h - 1)
+    cols = np.minimum((np.arange(width) * w) // width, w - 1)
+    return np.asarray(cells, dtype=np.float32)[rows[:, None], cols[None, :]]
+
+
 def draw_overlay(gray: np.ndarray, maps: np.ndarray, classes: Sequence[int], regions: dict[int, list[dict]],
                  ground_truth: list[dict] | None, cell_threshold: float | np.ndarray,
-                 probabilities: np.ndarray | None = None) -> Image.Image:
-    """RGB overlay: predicted cells translucent red, region outlines + names, ground truth in green.
+                 probabilities: np.ndarray | None = None, heat_classes: Sequence[int] | None = None,
+                 method: str | None = None, heat_scale: str = "image") -> Image.Image:
+    """RGB overlay: each class's continuous map as a heat map over the film, its cells above the threshold
+    outlined, its regions named; the ground truth in green; a legend strip below the film.
 
-    ``gray`` uint8 (H, W) in image pixels; ``maps`` (K, h, w); boxes in image pixels. The overlay's
-    longer side is the image's, clamped to [:data:`OVERLAY_MIN_SIDE`, :data:`OVERLAY_MAX_SIDE`] so that
-    the class names stay legible.
+    Args:
+        gray: uint8 ``(H, W)``, the film in its own pixels.
+        maps: ``(K, h, w)`` map values in [0, 1] covering the film.
+        classes: the reported classes (LABELS indices) whose ``regions`` are labelled.
+        regions: per reported class, :func:`cell_regions` (boxes in film pixels).
+        ground_truth: ``[{"label", "box"}]`` in film pixels, or None.
+        cell_threshold: scalar or ``(K,)``; cells ``> threshold`` are outlined.
+        probabilities: ``(K,)`` image-level probabilities, written in the labels and the legend.
+        heat_classes: classes whose map is drawn (default ``classes``); colours by :func:`class_colour`.
+        heat_scale: ``"image"`` (default): full colour at the highest value of the drawn maps of this image;
+            ``"class"``: at each class map's own maximum; ``"absolute"``: at 1.
+
+    The heat map of class ``k`` tints every pixel towards the class colour with opacity proportional to
+    the map value, ``HEAT_ALPHA * map / top`` (each cell a flat block: what is drawn is what is scored),
+    ``top`` written in the legend. The default scale is one per image (classes stay comparable) rather
+    than 1 because a grid-MIL model's cells are often all far below 1 while its image probability is
+    high (the noisy-or of many small cells: 0.1 per cell gives 0.8 over 16 cells), which an absolute
+    scale draws as a bare film; the legend's ``top`` and the threshold outline keep the absolute level
+    readable. The most probable
+    class is drawn last (on top). The film keeps its own resolution (its longer side
+    enlarged to :data:`OVERLAY_MIN_SIDE` when smaller so that the text is legible, reduced to
+    :data:`OVERLAY_MAX_SIDE` when larger); the legend strip is added below it, so no film pixel is hidden.
     """
     height, width = gray.shape
     longest = max(width, height)
     scale = min(OVERLAY_MAX_SIDE / longest, max(1.0, OVERLAY_MIN_SIDE / longest))
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    base = Image.fromarray(gray, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
-    if classes:
-        limits = np.broadcast_to(np.asarray(cell_threshold, dtype=np.float64), (maps.shape[0],))
-        positive = (maps[list(classes)] > limits[list(classes), None, None]).any(axis=0).astype(np.uint8) * 255
-        mask = Image.fromarray(positive, mode="L").resize((out_w, out_h), Image.Resampling.NEAREST)
-        red = Image.new("RGB", (out_w, out_h), RED)
-        base = Image.composite(Image.blend(base, red, 0.4), base, mask)
-    draw = ImageDraw.Draw(base)
+    film = np.asarray(Image.fromarray(gray, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR))
+    heat_classes = list(classes if heat_classes is None else heat_classes)
+    limits = np.broadcast_to(np.asarray(cell_threshold, dtype=np.float64), (maps.shape[0],))
     line = max(2, round(max(out_w, out_h) / 300))
+    tops = heat_tops(maps, heat_classes, heat_scale)
+    base = Image.fromarray(heat_overlay(film, maps, heat_classes, limits, tops, line), mode="RGB")
+    draw = ImageDraw.Draw(base)
     font = _font(max(10, round(max(out_w, out_h) / 40)))
+    stroke = max(1, line // 2)
 
     def scaled(box):
         return [box[0] * scale, box[1] * scale, max(box[0] * scale, box[2] * scale - 1),
                 max(box[1] * scale, box[3] * scale - 1)]
 
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far, to avoid overprinting
     for item in ground_truth or []:
         box = scaled(item["box"])
         draw.rectangle(box, outline=GREEN, width=line)
         draw.text((box[0] + line, box[3] - line), f"GT {item['label']}", fill=GREEN, font=font, anchor="lb",
-                  stroke_width=max(1, line // 2), stroke_fill=(0, 60, 0))
-    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far, to avoid overprinting
+                  stroke_width=stroke, stroke_fill=(0, 60, 0))
+        placed.append(draw.textbbox((box[0] + line, box[3] - line), f"GT {item['label']}", font=font, anchor="lb",
+                                    stroke_width=stroke))
     for k in classes:
         for region in regions.get(k, []):
             box = scaled(region["box"])
-            draw.rectangle(box, outline=RED, width=line)
             text = LABELS[k] if probabilities is None else f"{LABELS[k]} {probabilities[k]:.2f}"
-            x, y = box[0] + line, box[1] + line
-            left, top, right, bottom = draw.textbbox((x, y), text, font=font, stroke_width=max(1, line // 2))
+            x, y = box[0] + 2 * line, box[1] + 2 * line
+            left, top, right, bottom = draw.textbbox((x, y), text, font=font, stroke_width=stroke)
             step = bottom - top + line
             while any(left < r and right > lf and top < b and bottom > t for lf, t, r, b in placed):
                 y, top, bottom = y + step, top + step, bottom + step
             placed.append((left, top, right, bottom))
-            draw.text((x, y), text, fill=(255, 235, 235), font=font,
-                      stroke_width=max(1, line // 2), stroke_fill=(120, 0, 0))
-    return base
+            draw.text((x, y), text, fill=class_colour(k), font=font, stroke_width=stroke, stroke_fill=(0, 0, 0))
+    return _with_legend(base, heat_classes, limits, probabilities, regions, ground_truth is not None and
+                        len(ground_truth) > 0, font, method, tops)
+
+
+def heat_overlay(film: np.ndarray, maps: np.ndarray, classes: Sequence[int], limits: np.ndarray,
+                 tops: dict[int, float], line: int, outline: tuple[int, int, int] | None = None) -> np.ndarray:
+    """uint8 ``(H, W, 3)``: the uint8 ``(H, W)`` ``film`` tinted by each class's map (``maps`` ``(K, h, w)``
+    covering it) with opacity ``HEAT_ALPHA * map / tops[k]``, then the outline (``line`` px, dark rim; in
+    ``outline`` or the class's colour) of its cells ``> limits[k]``; the first of ``classes`` is drawn on top."""
+    height, width = film.shape
+    canvas = np.repeat(np.asarray(film, dtype=np.float32)[..., None], 3, axis=2)
+    drawn_order = list(classes)[::-1]
+    for k in drawn_order:
+        value = np.clip(np.nan_to_num(_cell_mask(maps[k], (width, height))) / tops[k], 0.0, 1.0)
+        alpha = HEAT_ALPHA * value[..., None]
+        canvas = canvas * (1.0 - alpha) + np.asarray(class_colour(k), dtype=np.float32) * alpha
+    for k in drawn_order:
+        positive = _cell_mask((maps[k] > limits[k]).astype(np.float32), (width, height)) > 0.5
+        if positive.any():
+            edge = positive & ~ndimage.binary_erosion(positive, iterations=line, border_value=0)
+            halo = ndimage.binary_dilation(edge, iterations=1) & ~edge
+            canvas[halo] = 0.0  # a dark rim keeps the outline visible on bright film
+            canvas[edge] = class_colour(k) if outline is None else outline
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+
+
+HEAT_SCALES = ("image", "class", "absolute")
+
+
+def heat_tops(maps: np.ndarray, classes: Sequence[int], heat_scale: str = "image") -> dict[int, float]:
+    """The map value drawn at full colour for each of ``classes`` (``maps`` ``(K, h, w)``): the highest finite
+    value of all their maps (``"image"``), of each map (``"class"``), or 1 (``"absolute"``); at least 1e-6."""
+    if heat_scale not in HEAT_SCALES:
+        raise GrenError(f"heat_scale {heat_scale!r}: expected one of {', '.join(HEAT_SCALES)}")
+
+    def top(values: np.ndarray) -> float:
+        finite = np.asarray(values, dtype=np.float64)[np.isfinite(values)]
+        return max(float(finite.max()) if finite.size else 1.0, 1e-6)
+
+    if heat_scale == "absolute":
+        return {k: 1.0 for k in classes}
+    if heat_scale == "class":
+        return {k: top(maps[k]) for k in classes}
+    shared = top(maps[list(classes)]) if len(classes) else 1.0
+    return {k: shared for k in classes}
+
+
+def _with_legend(film: Image.Image, heat_classes: Sequence[int], limits: np.ndarray, probabilities: np.ndarray | None,
+                 regions: dict[int, list[dict]], has_truth: bool, font, method: str | None,
+                 tops: dict[int, float]) -> Image.Image:
+    """``film`` with a dark legend strip below: one line per drawn class (colour, name, image probability,
+    threshold, region count), the ground truth's colour, and how to read the tint."""
+    probe = ImageDraw.Draw(film)
+    _, top, _, bottom = probe.textbbox((0, 0), "Ag", font=font)
+    row = int(bottom - top) + 8
+    lines: list[tuple[tuple[int, int, int] | None, str]] = []
+    for k in heat_classes:
+        prob = "" if probabilities is None else f"  p = {float(probabilities[k]):.2f}"
+        count = len(regions.get(k, []))
+        lines.append((class_colour(k), f"{LABELS[k]}{prob}  full colour at {tops[k]:.2f}  outline: cells > "
+                                       f"{float(limits[k]):.2f} ({count} region{'s' if count != 1 else ''})"))
+    if has_truth:
+        lines.append((GREEN, "ground-truth box"))
+    lines.append((None, "tint opacity proportional to the map value" + (f"; model: {method}" if method else "")))
+    strip = Image.new("RGB", (film.width, row * len(lines) + 8), (20, 20, 20))
+    draw = ImageDraw.Draw(strip)
+    for i, (colour, text) in enumerate(lines):
+        y = 4 + i * row
+        x = 8
+        if colour is not None:
+            draw.rectangle([x, y + 2, x + row - 8, y + row - 6], fill=colour)
+            x += row
+        draw.text((x, y), text, fill=(235, 235, 235), font=font)
+    out = Image.new("RGB", (film.width, film.height + strip.height))
+    out.paste(film, (0, 0))
+    out.paste(strip, (0, film.height))
+    return out
 
 
 class Predictor:
@@ -266,7 +415,7 @@ def predict_files(
     progress: bool = True,
     predictor: Predictor | None = None,
 ) -> dict:
-    """Predict each file; write ``out/<stem>.json`` and ``out/<stem>.png``.
+    """Predict each file; write ``out/<stem>.json`` and ``out/<stem>.png`` (module docstring).
 
     Args:
         paths: image files (PNG, JPEG, DICOM).
@@ -276,6 +425,9 @@ def predict_files(
         class_threshold: a class is reported when its image probability is ``>=`` this.
         top_k: at most this many classes reported per image.
         data: dataset folder or cache for ground-truth boxes (optional).
+
+    Also writes ``out/regions.csv`` and ``out/regions.coco.json``: every region of this call's images
+    (:func:`write_region_tables`).
 
     Returns:
         ``{"written": [json paths], "failed": {path: message}}``. Unreadable files are logged and
@@ -290,6 +442,7 @@ def predict_files(
     written: list[str] = []
     failed: dict[str, str] = {}
     stems: dict[str, int] = {}
+    records: list[dict] = []
     for path in progress_bar(list(paths), desc="predict", unit="image", disable=not progress, logger=log):
         path = Path(path)
         try:
@@ -309,7 +462,9 @@ def predict_files(
         shown_threshold = float(limits[0]) if np.all(limits == limits[0]) else [round(float(v), 6) for v in limits]
         classes = reported_classes(probs, maps, class_threshold, limits, top_k)
         regions = {k: cell_regions(maps[k], (width, height), float(limits[k])) for k in classes}
-        ground_truth = truth.boxes(stem, (width, height)) if truth is not None else None
+        heat = heatmap_classes(probs, classes, class_threshold, top_k)
+        # [] (not absent) for an image the dataset does not know; absent only without any dataset
+        ground_truth = (truth.boxes(stem, (width, height)) or []) if truth is not None else None
         record = {
             "image": str(path),
             "image_size": [width, height],
@@ -319,14 +474,86 @@ def predict_files(
             "cell_threshold": shown_threshold,
             "class_threshold": class_threshold,
             "probabilities": {LABELS[k]: round(float(probs[k]), 6) for k in range(len(LABELS))},
+            "heatmap_classes": [LABELS[k] for k in heat],
             "regions": [{"label": LABELS[k], "probability": round(float(probs[k]), 6), **region}
                         for k in classes for region in regions[k]],
         }
         if ground_truth is not None:
             record["ground_truth"] = ground_truth
+        record = finite_or_null(record)
         json_path = out / f"{out_stem}.json"
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
-        draw_overlay(gray, maps, classes, regions, ground_truth, limits, probs).save(out / f"{out_stem}.png")
+        json_path.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+        draw_overlay(gray, maps, classes, regions, ground_truth, limits, probs, heat_classes=heat,
+                     method=predictor.name).save(out / f"{out_stem}.png")
         written.append(str(json_path))
+        records.append(record)
+    write_region_tables(records, out)
     log.info("%d images predicted into %s, %d failed", len(written), out, len(failed))
     return {"written": written, "failed": failed}
+
+
+def finite_or_null(value):
+    """``value`` (nested dicts / lists of plain and numpy numbers) with every non-finite float replaced by None,
+    numpy scalars as Python numbers: what ``json.dumps(..., allow_nan=False)`` accepts."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def region_rows(records: Sequence[dict]) -> list[dict]:
+    """One row per region of the per-image records: :data:`CSV_COLUMNS` (box in image pixels)."""
+    rows = []
+    for record in records:
+        for region in record["regions"]:
+            x1, y1, x2, y2 = region["box"]
+            rows.append({"image": record["image"], "label": region["label"], "probability": region["probability"],
+                         "x1": x1, "y1": y1, "x2": x2, "y2": y2, "cells": region["cells"],
+                         "max_cell_probability": region["max_cell_probability"]})
+    return rows
+
+
+def coco_regions(records: Sequence[dict]) -> dict:
+    """The regions of ``records`` as a COCO-style detection file.
+
+    ``images``: ``{"id" (1-based, in input order), "file_name" (the path given), "width", "height"}``;
+    ``categories``: the 14 LABELS, ``id`` = LABELS index + 1; ``annotations``: ``{"id", "image_id",
+    "category_id", "bbox": [x, y, w, h] (image pixels), "area", "score" (the class's image probability),
+    "iscrowd": 0, "cells", "max_cell_probability"}``.
+    """
+    images, annotations = [], []
+    for image_id, record in enumerate(records, start=1):
+        width, height = record["image_size"]
+        images.append({"id": image_id, "file_name": record["image"], "width": width, "height": height})
+        for region in record["regions"]:
+            x1, y1, x2, y2 = region["box"]
+            w, h = round(x2 - x1, 2), round(y2 - y1, 2)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": LABELS.index(region["label"]) + 1, "bbox": [x1, y1, w, h],
+                                "area": round(w * h, 2), "score": region["probability"], "iscrowd": 0,
+                                "cells": region["cells"], "max_cell_probability": region["max_cell_probability"]})
+    categories = [{"id": k + 1, "name": name, "supercategory": "finding"} for k, name in enumerate(LABELS)]
+    return {"info": {"description": "gren predict regions"}, "images": images, "categories": categories,
+            "annotations": annotations}
+
+
+def write_region_tables(records: Sequence[dict], out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``out/regions.csv`` (:func:`region_rows`, a header even without regions) and
+    ``out/regions.coco.json`` (:func:`coco_regions`); both list the regions of ``records`` only
+    (a later call into the same folder replaces them)."""
+    out = Path(out)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(region_rows(records))
+    csv_path = write_text_atomic(out / REGIONS_CSV, buffer.getvalue())
+    coco = finite_or_null(coco_regions(records))
+    coco_path = write_text_atomic(out / REGIONS_COCO, json.dumps(coco, indent=1, allow_nan=False) + "\n")
+    return csv_path, coco_path

@@ -1,13 +1,16 @@
 """``gren report``: figures for one or several runs (matplotlib, Agg backend, no display).
 
-* ``training_curves.png``: each loss part from ``RUN/metrics.jsonl`` against the epoch, one line per run;
+* ``training_curves.png``: each loss part from ``RUN/metrics.jsonl`` against the epoch, one line per run,
+  and, for runs trained with a validation split, its mean AUC and mean localization accuracy (one line
+  style per IoU threshold T);
 * ``hash_similarity.png`` (the paper's Fig. 5 analogue): for ~10 annotated test images, the
   inter-image lung-hash similarity matrix (``1 - Hamming / 64``, averaged over the right-right and
   left-left lung pairs) and each image's intra-image similarity (its right vs its left lung), with
   the images' labels;
 * ``localization.png`` (Fig. 6/7 analogue): the same test images under each run, side by side: per
-  ground-truth box, the map of the box's class with the cells ``p > 0.5`` in red, the box in green,
-  the IoU in the title.
+  ground-truth box, the continuous map of the box's class as a heat map over the image (upsampled to at
+  least :data:`PANEL_MIN_SIDE` px per panel), the cells above the method's threshold
+  (``Localization.thresholds()``) outlined, the box in green, the class probability and the IoU in the title.
 
 The images come from the first run's test split (``role == "test"``, annotated) in its prepared data.
 """
@@ -30,6 +33,9 @@ from gren.metrics import grid_box_iou
 log = logging.getLogger(__name__)
 
 LOSS_ORDER = ("total", "box", "mil", "intra", "inter")
+PANEL_MIN_SIDE = 384  # localization.png: each panel's image is upsampled to at least this many pixels
+OUTLINE = (255, 230, 0)  # localization.png: the outline of the cells above the threshold (yellow)
+T_STYLES = {"0.1": "-", "0.3": "--", "0.5": ":", "0.7": "-."}
 
 
 def _pyplot():
@@ -78,8 +84,10 @@ def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     parts.sort(key=lambda k: (LOSS_ORDER.index(k) if k in LOSS_ORDER else len(LOSS_ORDER), k))
     if not parts:
         raise GrenError("no loss values in any metrics.jsonl; nothing to plot")
-    cols = min(3, len(parts))
-    rows = (len(parts) + cols - 1) // cols
+    validated = any("validation" in line for history in runs.values() for line in history)
+    panels = len(parts) + (2 if validated else 0)
+    cols = min(3, panels)
+    rows = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     colours = {label: f"C{i % 10}" for i, label in enumerate(runs)}  # one colour per run in every panel
     for ax, part in zip(axes.flat, parts):
@@ -93,7 +101,9 @@ def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(parts):]:
+    if validated:
+        _plot_validation(list(axes.flat)[len(parts)], list(axes.flat)[len(parts) + 1], runs, colours)
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     from matplotlib.lines import Line2D
 
@@ -104,6 +114,32 @@ def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_validation(ax_auc, ax_accuracy, runs: dict[str, list[dict]], colours: dict[str, str]) -> None:
+    """The validation panels: mean AUC, and mean localization accuracy with one line style per IoU T."""
+    from matplotlib.lines import Line2D
+
+    for label, history in runs.items():
+        lines = [line for line in history if isinstance(line.get("validation"), dict)]
+        points = [(line["epoch"], line["validation"].get("auc_mean")) for line in lines]
+        points = [(e, v) for e, v in points if v is not None]
+        if points:
+            ax_auc.plot(*zip(*points), marker="o", color=colours[label])
+        for t, style in T_STYLES.items():
+            points = [(line["epoch"], line["validation"].get("accuracy_mean", {}).get(t)) for line in lines]
+            points = [(e, v) for e, v in points if v is not None]
+            if points:
+                ax_accuracy.plot(*zip(*points), marker="o", linestyle=style, color=colours[label])
+    ax_auc.set_title("validation: mean AUC")
+    ax_accuracy.set_title("validation: mean localization accuracy")
+    ax_accuracy.legend([Line2D([], [], color="black", linestyle=style) for style in T_STYLES.values()],
+                       [f"IoU >= {t}" for t in T_STYLES], fontsize=7, loc="best")
+    for ax in (ax_auc, ax_accuracy):
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
 
 
 def short_labels(label_row: np.ndarray) -> str:
@@ -157,48 +193,63 @@ def plot_hash_similarity(hashes: np.ndarray, names: Sequence[str], labels: Seque
 
 
 def plot_localization(images: np.ndarray, boxes: list[tuple[np.ndarray, np.ndarray]], names: Sequence[str],
-                      maps_per_run: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+                      maps_per_run: dict[str, tuple[np.ndarray, ...]], path: Path,
+                      min_side: int = PANEL_MIN_SIDE) -> Path:
     """Rows: one per (image, its first ground-truth box); columns: the image, then each run.
 
     ``images`` uint8 (N, S, S); ``boxes[i]`` = (float (n, 4) xyxy in S pixels, int (n,) LABELS index);
-    ``maps_per_run[label]`` = (maps float (N, K, h, w), thresholds float (N, K)): the run's
-    :class:`~gren.methods.protocol.Localization` (a cell is positive above its method's threshold).
+    ``maps_per_run[label]`` = (maps float (N, K, h, w), thresholds float (N, K)[, scores float (N, K)]): the
+    run's :class:`~gren.methods.protocol.Localization`. Each panel shows the image upsampled (bilinear) to
+    at least ``min_side`` px with the map of the box's class as a heat map (:func:`gren.eval.predict.heat_overlay`:
+    opacity proportional to the value, full colour at the map's maximum, written in the title), its cells
+    above the method's threshold outlined in yellow, the box in green.
     """
-    plt = _pyplot()
-    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Rectangle
+    from PIL import Image
 
-    red = ListedColormap(["red"])
+    from gren.eval.predict import heat_overlay, heat_tops
 
+    plt = _pyplot()
     n = len(images)
     size = images.shape[-1]
+    factor = max(1, -(-int(min_side) // size))  # ceil
+    side = size * factor
     runs = list(maps_per_run)
-    fig, axes = plt.subplots(n, len(runs) + 1, figsize=(2.6 * (len(runs) + 1), 2.95 * n + 0.4), squeeze=False)
+    inches = side / 100 + 0.1  # saved at dpi 100: each panel's image at >= side pixels
+    fig, axes = plt.subplots(n, len(runs) + 1, figsize=(inches * (len(runs) + 1), (inches + 0.55) * n + 0.4),
+                             squeeze=False)
+    line = max(3, round(side / 110))
     for i in range(n):
         box_xyxy, box_labels = boxes[i]
         k = int(box_labels[0])
         x1, y1, x2, y2 = (float(v) for v in box_xyxy[0])
+        film = np.asarray(Image.fromarray(np.asarray(images[i], dtype=np.uint8), mode="L").resize(
+            (side, side), Image.Resampling.BILINEAR))
         for c in range(len(runs) + 1):
             ax = axes[i, c]
-            ax.imshow(images[i], cmap="gray", vmin=0, vmax=255, extent=(0, size, size, 0))
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.5))
             ax.set_xticks([])
             ax.set_yticks([])
+            title = f"{names[i]}\nGT: {LABELS[k]}"
             if c == 0:
-                ax.set_title(f"{names[i]}\nGT: {LABELS[k]}", fontsize=8)
-                continue
-            maps, limits = maps_per_run[runs[c - 1]]
-            prob, threshold = maps[i, k], float(limits[i, k])
-            positive = np.ma.masked_where(prob <= threshold, np.ones_like(prob))
-            ax.imshow(positive, cmap=red, alpha=0.45, vmin=0, vmax=1, extent=(0, size, size, 0),
-                      interpolation="nearest")
-            iou = grid_box_iou(prob, (x1, y1, x2, y2), (size, size), threshold)
-            ax.set_title(f"{runs[c - 1]}\nIoU {iou:.2f}, max {prob.max():.2f} (> {threshold:.2f})", fontsize=8)
+                ax.imshow(film, cmap="gray", vmin=0, vmax=255, extent=(0, size, size, 0), interpolation="none")
+            else:
+                maps, limits, *rest = maps_per_run[runs[c - 1]]
+                prob, threshold = maps[i, k], float(limits[i, k])
+                thresholds = np.full(maps.shape[1], threshold)
+                tops = heat_tops(maps[i], [k], "class")
+                ax.imshow(heat_overlay(film, maps[i], [k], thresholds, tops, line, OUTLINE), extent=(0, size, size, 0),
+                          interpolation="none")
+                iou = grid_box_iou(prob, (x1, y1, x2, y2), (size, size), threshold)
+                score = f"p {float(rest[0][i, k]):.2f}, " if rest else ""
+                title = (f"{runs[c - 1]}: {LABELS[k]} {score}IoU {iou:.2f}\n"
+                         f"map max {prob.max():.2f} (full colour), outline > {threshold:.2f}")
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=2))
+            ax.set_title(title, fontsize=9)
             ax.set_xlim(0, size)
             ax.set_ylim(size, 0)
-    fig.suptitle("predicted cells (above the method's threshold, red) of the box's class vs the ground-truth box "
-                 "(green)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.95 * n + 0.4)))
+    fig.suptitle("map of the box's class (opacity proportional to the value), cells above the method's threshold "
+                 "outlined in yellow, ground-truth box green", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / ((inches + 0.55) * n + 0.4)))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -264,7 +315,7 @@ def make_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike, data:
 
     images = np.stack([np.asarray(cache.images[r]) for r in rows])
     torch_device = pick_device(device)
-    maps_per_run: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    maps_per_run: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for run_dir in run_dirs:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             log.warning("%s: no checkpoint, left out of localization.png", run_dir)
@@ -277,7 +328,7 @@ def make_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike, data:
         method.to(torch_device)
         batch = normalize_uint8(torch.from_numpy(images)[:, None]).to(torch_device)
         loc = method.predict(batch).detach_cpu()
-        maps_per_run[labels[run_dir]] = (loc.maps.numpy(), loc.thresholds().numpy())
+        maps_per_run[labels[run_dir]] = (loc.maps.numpy(), loc.thresholds().numpy(), loc.scores.numpy())
     if maps_per_run:
         written.append(plot_localization(images, [cache.boxes(r) for r in rows], names, maps_per_run,
                                          out / "localization.png"))

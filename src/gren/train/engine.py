@@ -72,6 +72,7 @@ class TrainingData:
     collate_fn: Callable | None = None  # default: gren.data.dataset.collate
     provides: frozenset[str] | None = None  # the item keys; None: read from the first item
     source: str = "the training data"  # named in messages
+    validation: Dataset | None = None  # held-out annotated items scored during training (gren.train.validation)
 
     def item_keys(self) -> frozenset[str]:
         """The keys every item of :attr:`dataset` has."""
@@ -104,8 +105,14 @@ def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path
     with even if the folder gained images since. A fresh run always computes the fold from the config
     (deterministic, so every DDP rank computes the same one) and replaces any ``split.csv`` left by an
     earlier failed start.
+
+    ``data.augment: true`` serves the training images through :class:`~gren.data.cache.LungSafeAugment`
+    (crop-and-rescale, brightness / contrast, never flips; the validation images are never augmented).
+    ``validation.fraction > 0`` carves the validation images from the fold's annotated training images
+    (:func:`gren.train.validation.carve_validation`; ``split.csv`` keeps their ``train`` role, so the test
+    fold is untouched, and ``run_dir/validation.csv`` lists them).
     """
-    from gren.data.cache import CacheDataset
+    from gren.data.cache import CacheDataset, LungSafeAugment
     from gren.data.source import open_prepared
     from gren.data.splits import make_folds, read_fold_csv, write_fold_csv
 
@@ -130,13 +137,32 @@ def open_training_data(data_path: str | os.PathLike, config: dict, run_dir: Path
     train_rows = split[split["role"] == "train"]
     if len(train_rows) == 0:
         raise GrenError(f"protocol {data_cfg['protocol']} fold {data_cfg['fold']}: no training images in {data_path}")
-    dataset = CacheDataset(cache, indices=train_rows["image_id"].astype(str).tolist())
+    from gren.train.validation import VALIDATION_CSV, carve_validation
+
+    fraction = float(config.get("validation", {}).get("fraction", 0.0) or 0.0)
+    train_rows, validation_rows = carve_validation(train_rows, fraction, int(config["seed"]), data_cfg["split_by"])
+    validation = None
+    if len(validation_rows):
+        validation = CacheDataset(cache, indices=validation_rows["image_id"].astype(str).tolist())
+        if dist.is_main_process():
+            write_text_atomic(run_dir / VALIDATION_CSV,
+                              validation_rows[["image_id", "patient_id"]].to_csv(index=False))
+        log.info("validation: %d annotated images of %d %s held out of the training fold", len(validation_rows),
+                 validation_rows["patient_id" if data_cfg["split_by"] == "patient" else "image_id"].nunique(),
+                 "patients" if data_cfg["split_by"] == "patient" else "images")
+    augment = data_cfg.get("augment", False)
+    if not isinstance(augment, bool):
+        raise GrenError(f"data.augment must be true or false, got {augment!r}")
+    dataset = CacheDataset(cache, indices=train_rows["image_id"].astype(str).tolist(),
+                           augment=LungSafeAugment() if augment else False)
+    if augment:
+        log.info("data.augment: lung-safe crop-and-rescale and brightness/contrast on the training images")
     annotated_flags = train_rows["annotated"].astype(bool).to_numpy()
     annotated = np.flatnonzero(annotated_flags).tolist()
     unannotated = np.flatnonzero(~annotated_flags).tolist()
     log.info("training on %d images: %d annotated (boxes), %d label-only", len(train_rows), len(annotated),
              len(unannotated))
-    return TrainingData(dataset, annotated, unannotated, source=str(cache.path))
+    return TrainingData(dataset, annotated, unannotated, source=str(cache.path), validation=validation)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -191,6 +217,13 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
 
     With ``resume`` the run continues from ``run_dir/checkpoints/last.pt`` (from scratch when there is none).
     Works in one process (CPU or GPU) and under ``torchrun`` (DDP).
+
+    With ``data.validation`` (a dataset of annotated items) the model is scored on it every
+    ``validation.every`` epochs and after the last one, on rank 0 (:func:`gren.train.validation.validate`);
+    the epoch's line gains ``"validation"`` and TensorBoard ``validation/*`` scalars. ``validation.select``
+    also keeps ``checkpoints/best.pt`` (weights, like ``epoch_NNN.pt``, plus ``validation``) by
+    ``validation.metric``; nothing else depends on the validation score. TensorBoard also gets the run's
+    hyperparameters (the HParams plugin, in ``tb/`` itself) and the resolved config as text.
     """
     run_dir = Path(run_dir)
     distributed = dist.init_distributed()
@@ -219,6 +252,7 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     if not stages or any(int(stage.epochs) < 0 for stage in stages):
         raise GrenError(f"method {method.name!r}: stages() must give at least one stage with epochs >= 0")
     total_epochs = sum(int(stage.epochs) for stage in stages)
+    val_cfg = validation_settings(config, data)
     checkpoint_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
     start_epoch = 0
@@ -234,6 +268,7 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     elif resume:
         log.warning("%s: nothing to resume (no %s); starting from the beginning", run_dir, last)
     history = _read_history(metrics_path, start_epoch) if main else []
+    best = _best_so_far(history, val_cfg)
 
     model: torch.nn.Module = method
     if distributed:
@@ -257,6 +292,8 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch * len(sampler) if resume else None)
+        if start_epoch == 0:
+            write_hparams(writer, config, validated=val_cfg is not None)
     stage_index, stage_epoch = _stage_position(stages, start_epoch)
     epoch = start_epoch
     try:
@@ -297,6 +334,8 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
                         "loss": {k: round(v, 6) for k, v in parts.items()}}
                 if main:
                     _check_finite_parameters(method, f"epoch {epoch}")
+                    if val_cfg is not None and (epoch % val_cfg["every"] == 0 or epoch == total_epochs):
+                        line["validation"] = _validate_epoch(method, data.validation, device, val_cfg, writer, epoch)
                     history.append(line)
                     state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
@@ -308,6 +347,8 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
                     save_checkpoint(checkpoint_dir / f"epoch_{epoch:03d}.pt", model=state["model"],
                                     method_state=state["method_state"], epoch=epoch, config=config)
                     _prune_epoch_checkpoints(checkpoint_dir, keep_epochs)
+                    if val_cfg is not None and val_cfg["select"] and "validation" in line:
+                        best = _keep_best(checkpoint_dir, line, val_cfg, best, state, config)
                     _write_history(metrics_path, history)
                     for key, value in parts.items():
                         writer.add_scalar(f"epoch/{key}", value, epoch)
@@ -325,6 +366,100 @@ def fit(config: dict, run_dir: str | os.PathLike, data: TrainingData, resume: bo
     if start_epoch >= total_epochs:
         log.info("%s: all %d epochs already done", run_dir, total_epochs)
     return history
+
+
+def validation_settings(config: dict, data: TrainingData) -> dict | None:
+    """The checked ``validation`` section (``every``, ``select``, ``metric``, ``batch_size``), or None when
+    there is nothing to validate on (``data.validation`` None or empty: ``validation.fraction`` 0 in
+    :func:`open_training_data`)."""
+    from gren.train.validation import parse_metric
+
+    section = dict(config.get("validation") or {})
+    every = int(section.get("every", 1))
+    if every < 1:
+        raise GrenError(f"validation.every must be >= 1 (epochs), got {every}")
+    metric = str(section.get("metric", "accuracy@0.1"))
+    parse_metric(metric)  # a bad name fails before step 1
+    if data.validation is None or len(data.validation) == 0:
+        if bool(section.get("select", False)):
+            log.warning("validation.select is set but there is no validation split (validation.fraction=0); "
+                        "no best.pt will be kept")
+        return None
+    return {"every": every, "select": bool(section.get("select", False)), "metric": metric,
+            "batch_size": int(section.get("batch_size", 16))}
+
+
+def _validate_epoch(method, dataset, device, val_cfg: dict, writer, epoch: int) -> dict:
+    """Score the validation split after ``epoch``; log it and write ``validation/*`` TensorBoard scalars."""
+    from gren.train.validation import validate
+
+    summary = validate(method, dataset, device, batch_size=val_cfg["batch_size"])
+    if writer is not None:
+        if summary["auc_mean"] is not None:
+            writer.add_scalar("validation/auc_mean", summary["auc_mean"], epoch)
+        for kind in ("accuracy_mean", "iobb_mean"):
+            for t, value in summary[kind].items():
+                if value is not None:
+                    writer.add_scalar(f"validation/{kind}@{t}", value, epoch)
+    accuracy = ", ".join(f"{t} {'-' if v is None else f'{v:.3f}'}" for t, v in summary["accuracy_mean"].items())
+    auc = "-" if summary["auc_mean"] is None else f"{summary['auc_mean']:.3f}"
+    log.info("epoch %d validation (%d images, %d boxes): AUC %s; accuracy at IoU %s", epoch, summary["n_images"],
+             summary["n_boxes"], auc, accuracy)
+    return summary
+
+
+def _best_so_far(history: list[dict], val_cfg: dict | None) -> float | None:
+    """The best ``validation.metric`` value in a (resumed) run's history, None when there is none."""
+    if val_cfg is None:
+        return None
+    from gren.train.validation import metric_value
+
+    values = [metric_value(line["validation"], val_cfg["metric"]) for line in history if "validation" in line]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _keep_best(checkpoint_dir: Path, line: dict, val_cfg: dict, best: float | None, state: dict,
+               config: dict) -> float | None:
+    """Write ``checkpoints/best.pt`` when the epoch's ``validation.metric`` beats ``best`` (ties keep the earlier
+    epoch); returns the new best."""
+    from gren.train.validation import metric_value
+
+    value = metric_value(line["validation"], val_cfg["metric"])
+    if value is None or (best is not None and value <= best):
+        return best
+    save_checkpoint(checkpoint_dir / "best.pt", model=state["model"], method_state=state["method_state"],
+                    epoch=line["epoch"], config=config,
+                    validation={"metric": val_cfg["metric"], "value": value, **line["validation"]})
+    log.info("epoch %d: best %s so far (%.4f) -> %s", line["epoch"], val_cfg["metric"], value,
+             checkpoint_dir / "best.pt")
+    return value
+
+
+def write_hparams(writer, config: dict, validated: bool) -> None:
+    """The run's hyperparameters in TensorBoard's HParams plugin and the resolved config as text, both in the
+    writer's own folder (``SummaryWriter.add_hparams`` would make a stray sub-run per call)."""
+    import yaml
+    from torch.utils.tensorboard.summary import hparams
+
+    def flat(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            elif isinstance(value, (bool, int, float, str)):
+                out[f"{prefix}{key}"] = value
+            else:
+                out[f"{prefix}{key}"] = "null" if value is None else str(value)
+        return out
+
+    metrics = {"epoch/total": 0.0}
+    if validated:
+        metrics.update({"validation/auc_mean": 0.0, "validation/accuracy_mean@0.1": 0.0,
+                        "validation/accuracy_mean@0.5": 0.0})
+    for summary in hparams(flat(config), metrics):  # experiment, session start, session end
+        writer.file_writer.add_summary(summary)
+    writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")
 
 
 def _prune_epoch_checkpoints(checkpoint_dir: Path, keep: int | None) -> None:
