@@ -15,8 +15,10 @@ How :func:`make_folds` builds the K folds, deterministically from ``seed``:
   the K folds: once for ``0.8`` with K = 5 (5-fold cross-validation), three times for ``0.4`` with
   K = 5. When ``Y * K`` is not a whole number the realised fraction is ``m / K`` (logged);
 * ``Y = 0`` (e.g. ``1.0_0.0``) tests on all annotated images, so all K folds are identical; they are
-  still written (``--fold F`` works for every F) and a warning says so. ``Y = 1`` leaves nothing to
-  test and is an error. With ``K = 1`` there is one hold-out split: the shuffled units are taken
+  still written (``--fold F`` works for every F) and a warning says so. ``Y = 1`` (``1.0_1.0``, also
+  written ``all``) trains on every annotated image and tests on none: a final model for use elsewhere
+  (``gren evaluate --data OTHER`` scores it on other data); all K folds are identical and hold no
+  ``test`` row. With ``K = 1`` there is one hold-out split: the shuffled units are taken
   into training until the annotated image count is closest to ``Y`` of them;
 * the unannotated pool (the images without a usable box) is sampled once, the same in every fold:
   its units are shuffled and the shortest prefix whose image count is closest to ``X`` of the pool is
@@ -68,20 +70,24 @@ class Protocol:
         return f"{fmt(self.unannotated)}_{fmt(self.annotated)}"
 
 
+ALL_PROTOCOL = "all"  # every image in training: 1.0_1.0
+
+
 def parse_protocol(text: str) -> Protocol:
-    """``"0.5_0.8"`` -> ``Protocol(0.5, 0.8)``; raises :class:`GrenError` with the expected form."""
+    """``"0.5_0.8"`` -> ``Protocol(0.5, 0.8)``; ``"all"`` -> ``Protocol(1.0, 1.0)`` (nothing to test); raises
+    :class:`GrenError` with the expected form."""
+    if str(text).strip().lower() == ALL_PROTOCOL:
+        return Protocol(1.0, 1.0)
     match = _PROTOCOL_RE.match(str(text))
     if not match:
         raise GrenError(
             f"protocol {text!r} is not of the form X_Y with X and Y fractions in [0, 1] "
-            f"(e.g. {', '.join(PAPER_PROTOCOLS)})"
+            f"(e.g. {', '.join(PAPER_PROTOCOLS)}), or {ALL_PROTOCOL} (train on every image, test on none)"
         )
     x, y = float(match.group(1)), float(match.group(2))
     for name, value in (("X (unannotated fraction)", x), ("Y (annotated fraction)", y)):
         if not 0.0 <= value <= 1.0:
             raise GrenError(f"protocol {text!r}: {name} = {value:g} is not in [0, 1]")
-    if y >= 1.0:
-        raise GrenError(f"protocol {text!r}: Y = 1 trains on every annotated image and leaves none to test")
     if x == 0.0 and y == 0.0:
         raise GrenError(f"protocol {text!r}: X = Y = 0 leaves nothing to train on")
     return Protocol(x, y)
@@ -137,13 +143,18 @@ def make_folds(
     # Annotated units, shuffled, dealt into K groups balanced by annotated image count.
     annotated_counts = pd.Series(units[annotated]).value_counts(sort=False)
     unit_names = np.array(sorted(annotated_counts.index), dtype=object)
-    if len(unit_names) == 0:
+    if len(unit_names) == 0 and proto.annotated < 1.0:
         raise DataError("no annotated images (images with a usable box): nothing to test on")
     unit_names = unit_names[rng.permutation(len(unit_names))]
     unit_counts = annotated_counts.loc[unit_names].to_numpy()
 
     train_groups_per_fold: list[set[int]]
-    if folds == 1:
+    if proto.annotated >= 1.0:  # every annotated image in training; nothing to test (a final model)
+        group_of = {u: 0 for u in unit_names}
+        train_groups_per_fold = [{0}] * folds
+        log.warning("protocol %s trains on every annotated image: no test images (evaluate the model on other "
+                    "data with gren evaluate --data OTHER)", proto)
+    elif folds == 1:
         n_train = _closest_prefix(unit_counts, proto.annotated * unit_counts.sum())
         if n_train >= len(unit_names):
             raise GrenError(f"protocol {proto} with 1 fold leaves no annotated image to test")
