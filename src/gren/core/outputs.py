@@ -230,8 +230,10 @@ class OutputFolder:
                             "another output folder") from None
         return {str(k): str(v) for k, v in files.items()}
 
-    def prepare(self, names: Iterable[str], recognise: Callable[[Path], bool] | None = None) -> list[str]:
-        """Check that writing ``names`` in the folder loses nothing, create the folder, claim the names.
+    def prepare(self, names: Iterable[str], recognise: Callable[[Path], bool] | None = None,
+                claim: bool = True) -> list[str]:
+        """Check that writing ``names`` in the folder loses nothing, then (``claim``) create the folder and
+        claim the names in the manifest (``claim=False``: check only; call :meth:`claim` later).
 
         Returns the names that already existed (and will be replaced). Nothing is written when a check
         fails.
@@ -271,7 +273,8 @@ class OutputFolder:
         if replaced:
             log.info("%s: replacing %d file(s) written by gren earlier (%s)", self.folder, len(replaced),
                      _listed(replaced))
-        self.claim(names, manifest)
+        if claim:
+            self.claim(names, manifest)
         return replaced
 
     def claim(self, names: Iterable[str], manifest: dict[str, str] | None = None) -> None:
