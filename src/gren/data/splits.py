@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gren.core.atomic import atomic_path
+from gren.core.atomic import atomic_path, write_text_atomic
 from gren.core.errors import DataError, GrenError
 
 log = logging.getLogger(__name__)
@@ -331,19 +331,75 @@ def read_fold_csv(path: str | os.PathLike) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+SPLIT_JSON = "split.json"
+_FOLD_FILE = re.compile(r"^fold_(\d+)\.csv$")
+
+
+def _is_split_json(path: Path) -> bool:
+    summary = json.loads(path.read_text())
+    return isinstance(summary, dict) and {"protocol", "folds", "per_fold"} <= set(summary)
+
+
+def _is_fold_csv(path: Path) -> bool:
+    read_fold_csv(path)
+    return True
+
+
+def _recognise_split_file(path: Path) -> bool:
+    """True for a ``split.json`` or ``fold_<k>.csv`` that ``gren data split`` wrote (before manifests existed)."""
+    return _is_split_json(path) if path.name == SPLIT_JSON else _is_fold_csv(path)
+
+
 def write_split(folds: list[pd.DataFrame], out_dir: str | os.PathLike, summary: dict) -> list[Path]:
-    """Write ``fold_<k>.csv`` for k = 0..K-1 and ``split.json`` into ``out_dir``; returns the CSV paths."""
+    """Write ``fold_<k>.csv`` for k = 0..K-1 and ``split.json`` into ``out_dir``; returns the CSV paths.
+
+    Nothing is lost (:class:`gren.core.outputs.OutputFolder`): an existing file of those names that gren
+    did not write is refused before anything is written, as is a symbolic link; an earlier split is
+    replaced with a warning naming what changes; ``fold_<k>.csv`` files of an earlier split with more folds
+    are removed (they would not match ``split.json``).
+    """
+    from gren.core.outputs import OutputFolder
+
     out_dir = Path(out_dir)
     paths = []
+    names = [fold_path(out_dir, k).name for k in range(len(folds))] + [SPLIT_JSON]
     try:
         if out_dir.exists() and not out_dir.is_dir():
             raise GrenError(f"--out {out_dir}: exists and is not a folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        folder = OutputFolder(out_dir, "gren data split")
+        replaced = folder.prepare(names, recognise=_recognise_split_file)
+        if SPLIT_JSON in replaced:
+            _warn_replaced_split(out_dir / SPLIT_JSON, summary)
+        manifest = folder.manifest()
+        stale = [p for p in sorted(out_dir.iterdir()) if (m := _FOLD_FILE.match(p.name)) and int(m.group(1)) >= len(folds)
+                 and not p.is_symlink() and p.is_file() and (p.name in manifest or _safe(_is_fold_csv, p))]
+        for path in stale:
+            log.warning("%s: removed, left by an earlier split with more folds", path)
+            path.unlink()
         for k, fold in enumerate(folds):
             path = fold_path(out_dir, k)
             write_fold_csv(fold, path)
             paths.append(path)
-        (out_dir / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out_dir / SPLIT_JSON, json.dumps(summary, indent=2) + "\n")
     except OSError as err:
         raise GrenError(f"{err.filename or out_dir}: cannot write the split ({err.strerror or err})") from err
     return paths
+
+
+def _safe(check, path: Path) -> bool:
+    try:
+        return bool(check(path))
+    except Exception:
+        return False
+
+
+def _warn_replaced_split(path: Path, summary: dict) -> None:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    changed = [f"{key} {old.get(key)!r} -> {summary.get(key)!r}" for key in ("protocol", "folds", "seed", "split_by",
+                                                                           "data_dir", "images")
+               if key in summary and old.get(key) != summary.get(key)]
+    if changed:
+        log.warning("%s: replacing an earlier split (%s)", path.parent, "; ".join(changed))
