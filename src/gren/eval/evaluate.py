@@ -350,6 +350,11 @@ def evaluate_run(
         raise GrenError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    from gren.core.outputs import RunLock
+
+    if RunLock(run_dir).is_held_elsewhere():
+        log.warning("%s is being trained by another process (PID %s); evaluating its latest checkpoint", run_dir,
+                    RunLock(run_dir).holder())
     split = read_split(run_dir)
     test = split[(split["role"] == "test") & split["annotated"]]
     protocol = config.get("data", {}).get("protocol")
