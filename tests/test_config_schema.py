@@ -12,9 +12,8 @@ import torch
 from gren.cli import main
 from gren.core.errors import GrenError
 from gren.core.schema import Rule
-from gren.methods.registry import discover
 from gren.methods.baseline import Baseline as BaselineMethod
-from gren.methods.registry import register_method, unregister_method
+from gren.methods.registry import discover, register_method, unregister_method
 from gren.train.config import (
     SCHEMA,
     bundled_configs,

@@ -46,7 +46,8 @@ import yaml
 
 from gren.core.atomic import write_text_atomic
 from gren.core.errors import GrenError
-from gren.core.schema import Rule, show_value as _show
+from gren.core.schema import Rule
+from gren.core.schema import show_value as _show
 
 
 def bundled_configs() -> list[str]:
@@ -327,8 +328,8 @@ def _check_rule(rule: Rule, kind: str | None, value, key: str, source: str, expe
     if rule.choices and value not in rule.choices:
         raise GrenError(f"{source}: {key} must be {expected}, got {shown}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for op, bound, ok in ((">=", rule.ge, lambda v, b: v >= b), (">", rule.gt, lambda v, b: v > b),
-                              ("<=", rule.le, lambda v, b: v <= b), ("<", rule.lt, lambda v, b: v < b)):
+        for bound, ok in ((rule.ge, lambda v, b: v >= b), (rule.gt, lambda v, b: v > b),
+                          (rule.le, lambda v, b: v <= b), (rule.lt, lambda v, b: v < b)):
             if bound is not None and not ok(value, bound):
                 raise GrenError(f"{source}: {key} must be {expected}, got {shown}")
     if rule.check is not None:

@@ -50,11 +50,18 @@ from gren.core.atomic import write_text_atomic
 from gren.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.core.device import move_to, select_device
 from gren.core.errors import GrenError
+from gren.core.outputs import RUN_MARKER, RunLock, check_run_folder, write_run_marker
 from gren.core.progress import progress
 from gren.methods import Method, Stage, TrainContext, build_method, method_class
 from gren.methods.protocol import deep_update
-from gren.core.outputs import RUN_MARKER, RunLock, check_run_folder, write_run_marker
-from gren.train.config import check_value, default_config, load_yaml, resolve_config, save_config, validate_config
+from gren.train.config import (
+    check_value,
+    default_config,
+    load_yaml,
+    resolve_config,
+    save_config,
+    validate_config,
+)
 from gren.train.sampler import MixedBatchSampler
 
 log = logging.getLogger(__name__)
