@@ -472,10 +472,11 @@ def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, proto
     validate_config(config, "--fold")
     select_device(config["device"]["device"])  # cuda asked for where there is none: said before any work
     run_dir = Path(out).expanduser()
-    check_run_folder(run_dir)  # a non-empty folder that is not a run: refused before anything is written
-    _check_resume(run_dir, config, resume)
     dist.init_distributed()
     main = dist.is_main_process()
+    if main:  # (other ranks would race rank 0's first writes)
+        check_run_folder(run_dir)  # a non-empty folder that is not a run: refused before anything is written
+    _check_resume(run_dir, config, resume)
     lock = None
     try:
         if main:
