@@ -341,12 +341,10 @@ def _check_rule(rule: Rule, kind: str | None, value, key: str, source: str, expe
 def check_value(key: str, value, source: str, method: str | None = None, config: dict | None = None):
     """``value`` for the dotted ``key`` checked and converted as a config value from ``source`` (a command-line
     option such as ``--protocol``); returns the converted value."""
-    default = None
     node = config if config is not None else default_config(method)
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    default = node
-    return _coerce(default, value, key, source, config_schema(method))
+    return _coerce(node, value, key, source, config_schema(method))
 
 
 def validate_config(config: dict, source: str = "config") -> dict:
