@@ -170,7 +170,7 @@ def _check_backbone(value) -> str | None:
 
 def _check_weights(value) -> str | None:
     text = str(value).strip()
-    if text.lower() in ("none", "imagenet", ""):
+    if text.lower() in ("none", "imagenet"):
         return None
     return None if Path(text).expanduser().is_file() else f"expected none, imagenet or a weights file; {text} not found"
 
