@@ -424,3 +424,64 @@ def test_optim_lr_nan_never_reaches_training(world, tmp_path, caplog):
                  "optim.lr=nan"]) == 2
     assert "optim.lr must be a number > 0, got nan" in _errors(caplog)[-1]
     assert not (tmp_path / "r").exists() and time.perf_counter() - started < 10
+
+
+def test_two_trainings_started_together_into_one_folder_one_refused(world, tmp_path):
+    """The issue's race: both exited 0, one's config and split with the other's checkpoints. Now exactly one
+    trains; the other stops (the lock, or the finished run) and the folder holds one run's files."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = tmp_path / "shared"
+    commands = [[sys.executable, "-m", "gren.cli", "train", "--data", str(world["data"]), "--method", method,
+                 "--protocol", "0.5_0.8", "--fold", str(fold), "--out", str(run), *TINY_OVERRIDES]
+                for method, fold in (("baseline", 0), ("gren", 1))]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in commands]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "holds its lock" in loser or "already holds a trained run" in loser
+    winner = next(i for i, (code, _) in enumerate(results) if code == 0)
+    method = ("baseline", "gren")[winner]
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert config["method"] == method == checkpoint["config"]["method"] == read_run_marker(run)["method"]
+    assert config["data"]["fold"] == checkpoint["config"]["data"]["fold"] == winner
+
+
+def _ddp_train_worker(rank: int, port: int, run_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from _train_fakes import FakeLesionDataset
+    from gren.core import dist
+    from gren.train import engine
+
+    assert dist.init_distributed(backend="gloo")
+    dataset = FakeLesionDataset(n=8, n_annotated=4)
+    engine.open_training_data = lambda *args, **kwargs: engine.TrainingData(dataset, dataset.annotated,
+                                                                            dataset.unannotated)
+    overrides = ["model.backbone=resnet18", "model.output_stride=16", "model.head_hidden=16", "data.size=64",
+                 "data.workers=0", "device.device=cpu", "train.epochs=1", "train.max_steps_per_epoch=1"]
+    try:
+        engine.train("unused", "baseline", run_dir, overrides=overrides)  # rank 1 taking the lock would fail here
+    finally:
+        import torch.distributed as torch_dist
+
+        torch_dist.destroy_process_group()
+
+
+def test_under_ddp_only_rank_0_takes_the_run_lock(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    mp.spawn(_ddp_train_worker, args=(port, str(run)), nprocs=2, join=True)
+    assert (run / "checkpoints" / "last.pt").is_file() and read_run_marker(run)["method"] == "baseline"
+    assert not RunLock(run).is_held_elsewhere()
