@@ -61,7 +61,7 @@ def run_copy(world, tmp_path):
 # -- item 1: evaluate a model on data it never saw ---------------------------------------------------------------
 
 
-def test_evaluate_on_other_data_scores_all_its_annotated_images(world, run_copy, tmp_path):
+def test_evaluate_on_other_data_scores_all_its_annotated_images(world, run_copy, tmp_path, caplog):
     other = world["other"]
     assert main(["evaluate", "--run", str(run_copy)]) == 0  # the test split first: RUN/eval.json
     own = json.loads((run_copy / "eval.json").read_text())
@@ -80,6 +80,12 @@ def test_evaluate_on_other_data_scores_all_its_annotated_images(world, run_copy,
     out = tmp_path / "elsewhere" / "scores.json"
     assert main(["evaluate", "--run", str(run_copy), "--data", str(other), "--out", str(out), "--json"]) == 0
     assert json.loads(out.read_text())["n_images"] == n_annotated and out.with_suffix(".md").is_file()
+
+    namesake = make_tiny_dataset(tmp_path / "b" / "other", n=16, size=96, seed=9)  # another folder named other
+    caplog.set_level(logging.WARNING)
+    assert main(["evaluate", "--run", str(run_copy), "--data", str(namesake)]) == 0
+    assert "eval-other.json: replacing an evaluation of" in caplog.text  # said, not silent
+    assert json.loads((run_copy / "eval-other.json").read_text())["n_images"] == 8
 
 
 def test_the_runs_own_data_by_path_cache_or_moved_copy_gives_the_test_split(world, run_copy, tmp_path):

@@ -424,6 +424,11 @@ def evaluate_run(
     })
     if write:
         result["output"] = str(json_path)
+        if json_path.is_file():
+            previous = read_eval(json_path)
+            if previous.get("data") not in (None, result["data"]) or previous.get("images", "test split") != result["images"]:
+                log.warning("%s: replacing an evaluation of %s (%s) with one of %s (%s)", json_path,
+                            previous.get("data"), previous.get("images", "test split"), result["data"], result["images"])
         write_eval_files(json_path, md_path, result, title=str(result.get("method") or run_dir.name))
     return result
 
