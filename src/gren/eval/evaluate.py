@@ -381,6 +381,11 @@ def evaluate_run(
             log.info("--auc-images %s applies to the test split; on other data AUC uses all its images", auc_images)
         log.info("%s is not the data %s was trained on: evaluating all its %d annotated images (AUC over its %d "
                  "images)", cache.path, run_dir, len(loc_ids), len(eval_ids))
+        namesakes = present & set(split.loc[split["role"] == "train", "image_id"])
+        if namesakes:  # names only: generated datasets reuse NIH-style names; a superset of the data does too
+            log.warning("%d of %s's images have the names of images %s was trained on (e.g. %s); if they are the "
+                        "same films the scores are inflated", len(namesakes), cache.path, run_dir,
+                        ", ".join(sorted(namesakes)[:3]))
     else:
         if test.empty:
             raise GrenError(no_test)
