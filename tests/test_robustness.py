@@ -281,5 +281,5 @@ def test_split_write_failure_names_the_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(splits.pd.DataFrame, "to_csv", full)
-    with pytest.raises(GrenError, match=r"\.fold_0\.csv\.\d+\.partial: cannot write the split \(No space left on device\)"):
+    with pytest.raises(GrenError, match=r"\.fold_0\.csv\.\w+\.tmp: cannot write the split \(No space left on device\)"):
         splits.write_split(folds, tmp_path / "out", {})

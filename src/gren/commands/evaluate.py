@@ -1,23 +1,44 @@
-"""``gren evaluate``: localization accuracy, IoBB and AUC of a trained run on its test split."""
+"""``gren evaluate``: localization accuracy, IoBB and AUC of a trained run on its test split or on other data."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 GROUP = None
 NAME = "evaluate"
-HELP = "evaluate a trained run on its test split -> RUN/eval.json and RUN/eval.md"
+HELP = ("evaluate a trained run on its test split -> RUN/eval.json, RUN/eval.md; or on data it never saw "
+        "(--data OTHER) -> RUN/eval-OTHER.json, .md")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, metavar="RUN", help="run directory written by `gren train --out RUN`")
     parser.add_argument("--data", metavar="DIR|CACHE",
-                        help="dataset folder or prepared cache (default: the one the run was trained on)")
+                        help="dataset folder or prepared cache (default: the one the run was trained on); other "
+                        "data than the run's is scored on all its annotated images into RUN/eval-<name>.json")
+    parser.add_argument("--subset", choices=("auto", "test", "all"), default="auto",
+                        help="auto (default): the run's test split on its own data, every annotated image on other "
+                        "data; test: the run's test split read from --data (e.g. the dataset moved); all: every "
+                        "annotated image of --data (refused on the run's own data)")
+    parser.add_argument("--out", metavar="FILE.json",
+                        help="where to write the results (the markdown beside it as .md); default RUN/eval.json "
+                        "for the test split, RUN/eval-<name of --data>.json for other data")
     parser.add_argument("--checkpoint", metavar="NAME",
                         help="checkpoint in RUN/checkpoints (e.g. epoch_003) or a path (default: last)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (16)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (16)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: the run's device setting)")
     parser.add_argument("--auc-images", choices=("test", "heldout"), default="test",
                         help="images for AUC: the annotated test images (default) or every image of the fold "
@@ -32,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from gren.eval.evaluate import EVAL_JSON, eval_markdown, evaluate_run
 
     result = evaluate_run(args.run, data=args.data, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                          device=args.device, auc_images=args.auc_images, rules=args.rules, progress=not args.json)
+                          device=args.device, auc_images=args.auc_images, rules=args.rules, progress=not args.json,
+                          subset=args.subset, out=args.out)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(eval_markdown(result, title=str(result.get("method") or args.run)))
-        print(f"written: {args.run}/{EVAL_JSON}, {args.run}/eval.md")
+        output = result.get("output", f"{args.run}/{EVAL_JSON}")
+        print(f"written: {output}, {Path(output).with_suffix('.md')}")
     return 0

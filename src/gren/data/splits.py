@@ -15,8 +15,10 @@ How :func:`make_folds` builds the K folds, deterministically from ``seed``:
   the K folds: once for ``0.8`` with K = 5 (5-fold cross-validation), three times for ``0.4`` with
   K = 5. When ``Y * K`` is not a whole number the realised fraction is ``m / K`` (logged);
 * ``Y = 0`` (e.g. ``1.0_0.0``) tests on all annotated images, so all K folds are identical; they are
-  still written (``--fold F`` works for every F) and a warning says so. ``Y = 1`` leaves nothing to
-  test and is an error. With ``K = 1`` there is one hold-out split: the shuffled units are taken
+  still written (``--fold F`` works for every F) and a warning says so. ``Y = 1`` (``1.0_1.0``, also
+  written ``all``) trains on every annotated image and tests on none: a final model for use elsewhere
+  (``gren evaluate --data OTHER`` scores it on other data); all K folds are identical and hold no
+  ``test`` row. With ``K = 1`` there is one hold-out split: the shuffled units are taken
   into training until the annotated image count is closest to ``Y`` of them;
 * the unannotated pool (the images without a usable box) is sampled once, the same in every fold:
   its units are shuffled and the shortest prefix whose image count is closest to ``X`` of the pool is
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gren.core.atomic import atomic_path
+from gren.core.atomic import atomic_path, write_text_atomic
 from gren.core.errors import DataError, GrenError
 
 log = logging.getLogger(__name__)
@@ -68,20 +70,24 @@ class Protocol:
         return f"{fmt(self.unannotated)}_{fmt(self.annotated)}"
 
 
+ALL_PROTOCOL = "all"  # every image in training: 1.0_1.0
+
+
 def parse_protocol(text: str) -> Protocol:
-    """``"0.5_0.8"`` -> ``Protocol(0.5, 0.8)``; raises :class:`GrenError` with the expected form."""
+    """``"0.5_0.8"`` -> ``Protocol(0.5, 0.8)``; ``"all"`` -> ``Protocol(1.0, 1.0)`` (nothing to test); raises
+    :class:`GrenError` with the expected form."""
+    if str(text).strip().lower() == ALL_PROTOCOL:
+        return Protocol(1.0, 1.0)
     match = _PROTOCOL_RE.match(str(text))
     if not match:
         raise GrenError(
             f"protocol {text!r} is not of the form X_Y with X and Y fractions in [0, 1] "
-            f"(e.g. {', '.join(PAPER_PROTOCOLS)})"
+            f"(e.g. {', '.join(PAPER_PROTOCOLS)}), or {ALL_PROTOCOL} (train on every image, test on none)"
         )
     x, y = float(match.group(1)), float(match.group(2))
     for name, value in (("X (unannotated fraction)", x), ("Y (annotated fraction)", y)):
         if not 0.0 <= value <= 1.0:
             raise GrenError(f"protocol {text!r}: {name} = {value:g} is not in [0, 1]")
-    if y >= 1.0:
-        raise GrenError(f"protocol {text!r}: Y = 1 trains on every annotated image and leaves none to test")
     if x == 0.0 and y == 0.0:
         raise GrenError(f"protocol {text!r}: X = Y = 0 leaves nothing to train on")
     return Protocol(x, y)
@@ -137,13 +143,18 @@ def make_folds(
     # Annotated units, shuffled, dealt into K groups balanced by annotated image count.
     annotated_counts = pd.Series(units[annotated]).value_counts(sort=False)
     unit_names = np.array(sorted(annotated_counts.index), dtype=object)
-    if len(unit_names) == 0:
+    if len(unit_names) == 0 and proto.annotated < 1.0:
         raise DataError("no annotated images (images with a usable box): nothing to test on")
     unit_names = unit_names[rng.permutation(len(unit_names))]
     unit_counts = annotated_counts.loc[unit_names].to_numpy()
 
     train_groups_per_fold: list[set[int]]
-    if folds == 1:
+    if proto.annotated >= 1.0:  # every annotated image in training; nothing to test (a final model)
+        group_of = {u: 0 for u in unit_names}
+        train_groups_per_fold = [{0}] * folds
+        log.warning("protocol %s trains on every annotated image: no test images (evaluate the model on other "
+                    "data with gren evaluate --data OTHER)", proto)
+    elif folds == 1:
         n_train = _closest_prefix(unit_counts, proto.annotated * unit_counts.sum())
         if n_train >= len(unit_names):
             raise GrenError(f"protocol {proto} with 1 fold leaves no annotated image to test")
@@ -320,19 +331,75 @@ def read_fold_csv(path: str | os.PathLike) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+SPLIT_JSON = "split.json"
+_FOLD_FILE = re.compile(r"^fold_(\d+)\.csv$")
+
+
+def _is_split_json(path: Path) -> bool:
+    summary = json.loads(path.read_text())
+    return isinstance(summary, dict) and {"protocol", "folds", "per_fold"} <= set(summary)
+
+
+def _is_fold_csv(path: Path) -> bool:
+    read_fold_csv(path)
+    return True
+
+
+def _recognise_split_file(path: Path) -> bool:
+    """True for a ``split.json`` or ``fold_<k>.csv`` that ``gren data split`` wrote (before manifests existed)."""
+    return _is_split_json(path) if path.name == SPLIT_JSON else _is_fold_csv(path)
+
+
 def write_split(folds: list[pd.DataFrame], out_dir: str | os.PathLike, summary: dict) -> list[Path]:
-    """Write ``fold_<k>.csv`` for k = 0..K-1 and ``split.json`` into ``out_dir``; returns the CSV paths."""
+    """Write ``fold_<k>.csv`` for k = 0..K-1 and ``split.json`` into ``out_dir``; returns the CSV paths.
+
+    Nothing is lost (:class:`gren.core.outputs.OutputFolder`): an existing file of those names that gren
+    did not write is refused before anything is written, as is a symbolic link; an earlier split is
+    replaced with a warning naming what changes; ``fold_<k>.csv`` files of an earlier split with more folds
+    are removed (they would not match ``split.json``).
+    """
+    from gren.core.outputs import OutputFolder
+
     out_dir = Path(out_dir)
     paths = []
+    names = [fold_path(out_dir, k).name for k in range(len(folds))] + [SPLIT_JSON]
     try:
         if out_dir.exists() and not out_dir.is_dir():
             raise GrenError(f"--out {out_dir}: exists and is not a folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        folder = OutputFolder(out_dir, "gren data split")
+        replaced = folder.prepare(names, recognise=_recognise_split_file)
+        if SPLIT_JSON in replaced:
+            _warn_replaced_split(out_dir / SPLIT_JSON, summary)
+        manifest = folder.manifest()
+        stale = [p for p in sorted(out_dir.iterdir()) if (m := _FOLD_FILE.match(p.name)) and int(m.group(1)) >= len(folds)
+                 and not p.is_symlink() and p.is_file() and (p.name in manifest or _safe(_is_fold_csv, p))]
+        for path in stale:
+            log.warning("%s: removed, left by an earlier split with more folds", path)
+            path.unlink()
         for k, fold in enumerate(folds):
             path = fold_path(out_dir, k)
             write_fold_csv(fold, path)
             paths.append(path)
-        (out_dir / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out_dir / SPLIT_JSON, json.dumps(summary, indent=2) + "\n")
     except OSError as err:
         raise GrenError(f"{err.filename or out_dir}: cannot write the split ({err.strerror or err})") from err
     return paths
+
+
+def _safe(check, path: Path) -> bool:
+    try:
+        return bool(check(path))
+    except Exception:
+        return False
+
+
+def _warn_replaced_split(path: Path, summary: dict) -> None:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    changed = [f"{key} {old.get(key)!r} -> {summary.get(key)!r}" for key in ("protocol", "folds", "seed", "split_by",
+                                                                           "data_dir", "images")
+               if key in summary and old.get(key) != summary.get(key)]
+    if changed:
+        log.warning("%s: replacing an earlier split (%s)", path.parent, "; ".join(changed))

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from gren.core.atomic import write_text_atomic
 from gren.core.errors import GrenError
 from gren.eval.evaluate import EVAL_JSON, evaluate_run, read_eval
 from gren.eval.table import csv_table, markdown_table
@@ -101,7 +102,7 @@ def run_crossval(
         raise GrenError(f"--data {data}: not found")
     _check_settings(methods, protocol, config_file, overrides)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _output_folder(out).prepare([MANIFEST, TABLE_MD, TABLE_CSV], recognise=_recognise)
     manifest = {"data": str(Path(data).resolve()), "methods": methods, "protocol": protocol, "folds": folds,
                 "config": None if config_file is None else str(config_file), "overrides": overrides}
     previous = _read_manifest(out)
@@ -112,7 +113,7 @@ def run_crossval(
             raise GrenError(f"{out} holds a cross-validation with other settings ({', '.join(changed)}: "
                             f"{', '.join(f'{previous[k]!r}' for k in changed)}); use another --out")
         manifest["methods"] = list(dict.fromkeys([*previous.get("methods", []), *methods]))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     train_fn = train_fn or _default_train
     evaluate_fn = evaluate_fn or _default_evaluate
@@ -136,6 +137,23 @@ def run_crossval(
     return {"trained": trained, "skipped": skipped, "results": results}
 
 
+def _output_folder(out: Path):
+    from gren.core.outputs import OutputFolder
+
+    return OutputFolder(out, "gren crossval")
+
+
+def _recognise(path: Path) -> bool:
+    """A crossval.json, table.md or table.csv that gren crossval wrote (before output manifests existed)."""
+    text = path.read_text(encoding="utf-8")
+    if path.name == MANIFEST:
+        data = json.loads(text)
+        return isinstance(data, dict) and {"methods", "protocol", "folds"} <= set(data)
+    if path.name == TABLE_MD:
+        return text.startswith("# Cross-validation")
+    return text.startswith("block,T,method,n_folds")
+
+
 def _check_settings(methods: list[str], protocol: str, config_file, overrides: list[str]) -> None:
     """Refuse unknown methods, a malformed protocol and bad config overrides before any work starts
     (not when their turn comes, after hours of training the others)."""
@@ -146,7 +164,9 @@ def _check_settings(methods: list[str], protocol: str, config_file, overrides: l
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GrenError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(sorted(METHODS))}")
-    parse_protocol(protocol)
+    if parse_protocol(protocol).annotated >= 1.0:
+        raise GrenError(f"protocol {protocol} trains on every annotated image and leaves none to test; "
+                        "cross-validation needs test folds (train a final model with gren train instead)")
     resolve_config(config_file, overrides)  # every key must belong to some method
     for method in methods:  # and each method's values must be valid for it
         resolve_config(config_file, overrides, method=method, foreign="drop")
@@ -197,7 +217,8 @@ def write_tables(out: str | os.PathLike, methods: Sequence[str] | None = None) -
     title = "Cross-validation"
     if manifest.get("protocol"):
         title += f": protocol {manifest['protocol']}, {manifest.get('folds', '?')} folds"
-    (out / TABLE_MD).write_text(markdown_table(results, title=title))
-    (out / TABLE_CSV).write_text(csv_table(results))
+    _output_folder(out).prepare([TABLE_MD, TABLE_CSV], recognise=_recognise)
+    write_text_atomic(out / TABLE_MD, markdown_table(results, title=title))
+    write_text_atomic(out / TABLE_CSV, csv_table(results))
     log.info("wrote %s and %s", out / TABLE_MD, out / TABLE_CSV)
     return results

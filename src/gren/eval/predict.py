@@ -403,6 +403,61 @@ class Predictor:
         return loc.maps.numpy(), loc.scores.numpy(), loc.thresholds().numpy()
 
 
+PREDICT_TOOL = "gren predict"
+
+
+def check_predict_options(cell_threshold: float | None, class_threshold: float, top_k: int) -> None:
+    """Refuse a non-finite threshold, a class threshold outside [0, 1] and ``top_k < 1`` (one line each)."""
+    if cell_threshold is not None and (isinstance(cell_threshold, bool) or not np.isfinite(float(cell_threshold))):
+        raise GrenError(f"--threshold must be a finite number (a cell is positive above it), got {cell_threshold}")
+    if isinstance(class_threshold, bool) or not (np.isfinite(float(class_threshold)) and 0 <= class_threshold <= 1):
+        raise GrenError(f"--class-threshold must be a probability in [0, 1], got {class_threshold}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise GrenError(f"--top-k must be a whole number >= 1, got {top_k}")
+
+
+def planned_stems(paths: Sequence[Path]) -> list[str]:
+    """The output stem of each input, in order: its file stem, ``<stem>_2``, ``<stem>_3``... for repeats."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems.append(path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}")
+    return stems
+
+
+def output_names(out_stems: Sequence[str]) -> list[str]:
+    """Every file :func:`predict_files` writes into ``out`` for these stems."""
+    return [f"{stem}{suffix}" for stem in out_stems for suffix in (".json", ".png")] + [REGIONS_CSV, REGIONS_COCO]
+
+
+def check_predict_out(paths: Sequence[Path], out: Path, out_stems: Sequence[str]):
+    """Before any work: refuse an ``out`` that holds any of the inputs, a symbolic link at an output name, or an
+    existing file there that predict did not write (:class:`gren.core.outputs.OutputFolder`, manifest
+    ``out/.gren-outputs.json``). Returns the folder; ``folder.claim(output_names(out_stems))`` once the model
+    is loaded, before the first write."""
+    from gren.core.outputs import OutputFolder
+
+    if out.is_dir():
+        inside = [str(p) for p in paths if p.exists() and p.resolve().parent == out.resolve()]
+        if inside:
+            raise GrenError(f"--out {out} holds input images ({', '.join(inside[:3])}"
+                            f"{f' and {len(inside) - 3} more' if len(inside) > 3 else ''}); their overlays would "
+                            "replace them; choose another --out")
+    folder = OutputFolder(out, PREDICT_TOOL)
+    folder.prepare(output_names(out_stems), claim=False)
+    return folder
+
+
+def write_output(json_path: Path, overlay: Image.Image, record: dict, png_path: Path) -> None:
+    """One image's JSON and overlay, each atomically (a link planted at a target is replaced, never followed)."""
+    from gren.core.atomic import atomic_path, write_text_atomic
+
+    write_text_atomic(json_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    with atomic_path(png_path) as partial:
+        overlay.save(partial, format="PNG")
+
+
 def predict_files(
     paths: Sequence[str | os.PathLike],
     source: str | os.PathLike,
@@ -432,19 +487,26 @@ def predict_files(
     Returns:
         ``{"written": [json paths], "failed": {path: message}}``. Unreadable files are logged and
         listed in ``failed``; the others are still processed.
+
+    Raises:
+        GrenError: before any work: bad thresholds or ``top_k`` (:func:`check_predict_options`), an ``out``
+            that holds inputs, links or files predict did not write (:func:`check_predict_out`).
     """
+    check_predict_options(cell_threshold, class_threshold, top_k)
+    paths = [Path(path) for path in paths]
+    out = Path(out)
+    out_stems = planned_stems(paths)
+    folder = check_predict_out(paths, out, out_stems)
     predictor = predictor or Predictor(source, device)
     if data is None:
         data = _run_data(source)
     truth = GroundTruth.open(data) if data is not None else None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.claim(output_names(out_stems))
     written: list[str] = []
     failed: dict[str, str] = {}
-    stems: dict[str, int] = {}
     records: list[dict] = []
-    for path in progress_bar(list(paths), desc="predict", unit="image", disable=not progress, logger=log):
-        path = Path(path)
+    for path, out_stem in progress_bar(list(zip(paths, out_stems)), desc="predict", unit="image",
+                                       disable=not progress, logger=log):
         try:
             gray = read_any_gray(path)
         except GrenError as err:
@@ -452,8 +514,6 @@ def predict_files(
             failed[str(path)] = str(err)
             continue
         stem = path.stem
-        stems[stem] = stems.get(stem, 0) + 1
-        out_stem = stem if stems[stem] == 1 else f"{stem}_{stems[stem]}"
         height, width = gray.shape
         maps, probs, limits = predictor([gray])
         maps, probs, limits = maps[0], probs[0], limits[0]
@@ -482,9 +542,9 @@ def predict_files(
             record["ground_truth"] = ground_truth
         record = finite_or_null(record)
         json_path = out / f"{out_stem}.json"
-        json_path.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-        draw_overlay(gray, maps, classes, regions, ground_truth, limits, probs, heat_classes=heat,
-                     method=predictor.name).save(out / f"{out_stem}.png")
+        overlay = draw_overlay(gray, maps, classes, regions, ground_truth, limits, probs, heat_classes=heat,
+                               method=predictor.name)
+        write_output(json_path, overlay, record, out / f"{out_stem}.png")
         written.append(str(json_path))
         records.append(record)
     write_region_tables(records, out)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gren.core.errors import GrenError
+from gren.core.schema import Rule
 from gren.methods.maps import class_activation_maps, lse_pool, minmax_normalize
 from gren.methods.protocol import Localization, Method
 from gren.methods.registry import register_method
@@ -65,6 +66,8 @@ class WangCAM(Method):
         "lse_r": 10.0,  # log-sum-exp pooling sharpness r (Wang's best; 0.1 ~ average, 12 ~ max)
         "threshold": 0.70588,  # 180/255: a cell is positive above this fraction of the normalised CAM (60/255 = 0.23529)
     }}
+    schema = {"cam.transition": Rule(choices=TRANSITIONS), "cam.channels": Rule(ge=1), "cam.lse_r": Rule(gt=0),
+              "cam.threshold": Rule(ge=0, le=1)}
 
     def __init__(self, config: dict):
         super().__init__(config)

@@ -20,6 +20,7 @@ import torch
 
 from gren.core import dist
 from gren.core.errors import GrenError
+from gren.core.schema import Rule
 from gren.methods import graph
 from gren.methods.grid_mil import GridMILMethod
 from gren.methods.registry import register_method
@@ -42,6 +43,10 @@ class GrenMethod(GridMILMethod):
         "inter_features": "map",  # inter-image node feature: map (whole feature map) | lungs (both lung vectors)
         "inter_scope": "rank",  # under DDP: rank (graph per process batch) | global (all-gathered across ranks)
     }}
+    schema = {"graph.form": Rule(choices=("pull", "paper", "contrastive")), "graph.margin": Rule(ge=0),
+              "graph.edge_scale": Rule(choices=("raw", "rank")), "graph.lambda_intra": Rule(ge=0),
+              "graph.lambda_inter": Rule(ge=0), "graph.inter_features": Rule(choices=("map", "lungs")),
+              "graph.inter_scope": Rule(choices=("rank", "global"))}
     use_intra: bool = True
     use_inter: bool = True
     edge_weights: str = "hash"

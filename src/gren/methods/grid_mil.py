@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gren.core.schema import Rule
 from gren.methods.losses import LocalizationLoss, box_targets
 from gren.methods.protocol import Localization, Method, total_of
 from gren.metrics import image_scores
@@ -36,6 +37,7 @@ class GridMILMethod(Method):
         "beta": 4.0,  # weight of the box loss (eq. 3)
         "mil_rescale": 0.0,  # Li et al.'s p -> r + (1 - r) p in the MIL loss; 0 = off, 0.98 = theirs
     }}
+    schema = {"loss.beta": Rule(ge=0), "loss.mil_rescale": Rule(ge=0, lt=1)}
     cell_threshold: float = 0.5
 
     def __init__(self, config: dict):

@@ -22,6 +22,9 @@ Optional hooks, with defaults here (override what a method needs):
   (``{"optim": {"lr": 2e-5}}``), merged over ``configs/default.yaml`` and under the user's config. The
   merge follows the class hierarchy, so a subclass adds to its parent's defaults. Unknown keys in the
   user's config or overrides are still errors.
+* ``schema``: rules for the method's config keys beyond the types their defaults give
+  (``{"graph.form": Rule(choices=("pull", "paper", "contrastive"))}``, :class:`gren.core.schema.Rule`),
+  merged over the class hierarchy; checked when the config is resolved, before any data is read.
 * ``stages(config)``: the training stages, each with its epochs and optimizer overrides; one stage
   ``train`` of ``train.epochs`` by default. Resume continues at the right stage and epoch.
 * ``param_groups(optim_cfg)``: the optimizer's parameter groups (default: every trainable parameter).
@@ -162,6 +165,7 @@ class Method(nn.Module):
     name: str = ""
     needs: ClassVar[frozenset[str]] = frozenset({"image", "labels"})
     defaults: ClassVar[dict] = {}
+    schema: ClassVar[dict] = {}  # {"section.key": gren.core.schema.Rule}
     localize_needs_grad: ClassVar[bool] = False
     eval_rules: ClassVar[tuple[str, ...]] = ()
 

@@ -50,10 +50,18 @@ from gren.core.atomic import write_text_atomic
 from gren.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gren.core.device import move_to, select_device
 from gren.core.errors import GrenError
+from gren.core.outputs import RUN_MARKER, RunLock, check_run_folder, write_run_marker
 from gren.core.progress import progress
 from gren.methods import Method, Stage, TrainContext, build_method, method_class
 from gren.methods.protocol import deep_update
-from gren.train.config import default_config, load_yaml, resolve_config, save_config
+from gren.train.config import (
+    check_value,
+    default_config,
+    load_yaml,
+    resolve_config,
+    save_config,
+    validate_config,
+)
 from gren.train.sampler import MixedBatchSampler
 
 log = logging.getLogger(__name__)
@@ -574,18 +582,63 @@ def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, proto
     ``foreign="drop"`` (crossval over several methods): config keys of other methods' sections are left
     out instead of being errors (:func:`gren.train.config.resolve_config`).
 
+    The run folder (docs/training.md, "The run folder"; :mod:`gren.core.outputs`): every value of the
+    config is checked first (nothing is read or written before); ``out`` must be absent, empty or a gren
+    run (``.gren-run`` marker, written first into a new run; a run made before markers is adopted); the
+    process holds ``out/.lock`` (``flock``) for the whole training, so a second ``gren train`` into the
+    same folder stops at once naming the first one's PID (under DDP rank 0 holds it). After the data is
+    opened the marker records where it came from (``data``: the path given, the cache, its source folder
+    and the fingerprint of its contents), which ``gren evaluate`` uses to tell the run's own data from
+    other data.
+
     Raises:
-        GrenError: bad config, an existing run without ``resume``, a resumed run with a different config
-            (other than ``train.epochs``, ``train.log_every``, ``data.workers``, ``device.device``).
+        GrenError: bad config, ``out`` not a run folder, a run folder in use, an existing run without
+            ``resume``, a resumed run with a different config (other than ``train.epochs``,
+            ``train.log_every``, ``train.keep_epochs``, ``data.workers``, ``device.device``).
     """
     method_class(method)  # an unknown name lists the registered ones
     config = resolve_config(config_file, overrides, method=method, foreign=foreign)
     config["data"]["path"] = str(Path(data).expanduser().resolve())
     if protocol is not None:
-        config["data"]["protocol"] = str(protocol)
+        config["data"]["protocol"] = check_value("data.protocol", str(protocol), f"--protocol {protocol}",
+                                                 method=method, config=config)
     if fold is not None:
-        config["data"]["fold"] = int(fold)
+        config["data"]["fold"] = check_value("data.fold", fold, f"--fold {fold}", method=method, config=config)
+    validate_config(config, "--fold")
+    select_device(config["device"]["device"])  # cuda asked for where there is none: said before any work
     run_dir = Path(out).expanduser()
+    dist.init_distributed()
+    main = dist.is_main_process()
+    if main:  # (other ranks would race rank 0's first writes)
+        check_run_folder(run_dir)  # a non-empty folder that is not a run: refused before anything is written
+    _check_resume(run_dir, config, resume)
+    lock = None
+    try:
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir).acquire()
+            kind = check_run_folder(run_dir)  # again, now that no other gren train can change it
+            _check_resume(run_dir, config, resume)
+            if kind == "legacy":
+                log.info("%s: a run made before run markers; adding %s", run_dir, RUN_MARKER)
+            write_run_marker(run_dir, method)
+            save_config(config, run_dir / "config.yaml")
+        dist.barrier()
+        training_data = open_training_data(data, config, run_dir, resume=resume)
+        if main:
+            write_run_marker(run_dir, method, data=_data_record(config, training_data))
+        history = fit(config, run_dir, training_data, resume=resume)
+    finally:
+        if lock is not None:
+            lock.release()
+    if history:
+        final = history[-1]
+        log.info("done: %s after %d epochs (loss %.4f)", run_dir, final["epoch"], final["loss"].get("total", math.nan))
+    return history
+
+
+def _check_resume(run_dir: Path, config: dict, resume: bool) -> None:
+    """``--resume`` with the run's config (bar :data:`RESUMABLE_CHANGES`), or no ``--resume`` and no trained run."""
     saved_config_path = run_dir / "config.yaml"
     if resume and saved_config_path.is_file():
         differences = _config_differences(load_yaml(saved_config_path), config)
@@ -594,14 +647,18 @@ def train(data: str | os.PathLike, method: str, out: str | os.PathLike, *, proto
                             f"use the run's settings or a new --out")
     elif not resume and (run_dir / "checkpoints" / "last.pt").is_file():
         raise GrenError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose a new --out")
-    dist.init_distributed()
-    if dist.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, saved_config_path)
-    dist.barrier()
-    training_data = open_training_data(data, config, run_dir, resume=resume)
-    history = fit(config, run_dir, training_data, resume=resume)
-    if history:
-        final = history[-1]
-        log.info("done: %s after %d epochs (loss %.4f)", run_dir, final["epoch"], final["loss"].get("total", math.nan))
-    return history
+
+
+def _data_record(config: dict, training_data: TrainingData) -> dict:
+    """Where a run's training data came from (for the run marker): the path given, the cache, the cache's
+    source folder and the fingerprint of that folder's contents when the cache records them."""
+    from gren.data import cache_format
+
+    record = {"path": config["data"]["path"], "cache": None, "source_dir": None, "source_sha256": None}
+    cache_path = Path(training_data.source)
+    if cache_path.is_dir():
+        meta = cache_format.read_meta(cache_path) or {}
+        record["cache"] = str(cache_path.resolve())
+        record["source_dir"] = str(Path(meta["data_dir"]).resolve()) if meta.get("data_dir") else None
+        record["source_sha256"] = (meta.get("params") or {}).get("source_sha256")
+    return record
