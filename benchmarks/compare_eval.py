@@ -5,7 +5,8 @@
 Issue 11 ported ``baseline`` and the GREN variants to the method protocol and asked that, on the same
 machine and thread count, the demo's ``eval.json`` of both methods be identical before and after. How it
 was checked (2026-12-01): ``gren demo --out OLD`` with the code before the port (commit 6b232ba, in a git
-worktree), then ``gren demo --out NEW`` with the port, the same ``OMP_NUM_THREADS=2`` on the same machine;
+worktree), then ``gren demo --out NEW`` with the port (commit 5f0303d: protocol, core layout, cache fields), the same
+``OMP_NUM_THREADS=2`` on the same machine, NEW reusing OLD's synthetic ``data/`` (the cache re-prepared);
 this script then compares every metric of ``OLD/ablation/<method>/fold_0/eval.json`` with NEW's (the
 accuracy and IoBB per class and T, the AUC per label, the box and image counts). Keys the port added
 (``rules``, ``cell_threshold``, ``wang``) are listed, not compared. Writes
