@@ -201,3 +201,18 @@ def test_a_method_config_key_of_another_method_is_dropped_only_when_asked():
     with pytest.raises(GrenError, match="unknown key"):  # a key of no method stays an error
         resolve_config(None, ["graph.nosuch=1"], method="baseline", foreign="drop")
     assert copy.deepcopy(config) == config
+
+
+def test_loading_a_trained_run_does_not_announce_random_initialisation(tmp_path, caplog):
+    import logging
+
+    method = build("baseline")
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last.pt", model=method.state_dict(), config=method_config("baseline"),
+                    epoch=1)
+    with caplog.at_level(logging.INFO, logger="gren"):
+        load_run(run)
+    assert "random initialisation" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="gren"):
+        build("baseline")
+    assert "random initialisation" in caplog.text

@@ -140,7 +140,10 @@ def load_run(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Method
     config = checkpoint["config"]
     build_config = copy.deepcopy(config)
     build_config["model"]["weights"] = "none"
-    method = build_method(config["method"], build_config)
+    from gren.models.weights import weights_from_checkpoint
+
+    with weights_from_checkpoint():
+        method = build_method(config["method"], build_config)
     try:
         method.load_state_dict(checkpoint["model"])
     except RuntimeError as err:

@@ -45,7 +45,7 @@ from torch import nn
 from gren.core.errors import GrenError
 from gren.models.normalization import GREN, InputNormalization, named_normalization
 from gren.models.tv import import_torchvision
-from gren.models.weights import mismatch_report, read_state_dict
+from gren.models.weights import log_random_init, mismatch_report, read_state_dict
 
 torchvision = import_torchvision()
 
@@ -142,7 +142,7 @@ def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "
 
     spec = "none" if weights is None else str(weights)
     if spec.lower() == "none":
-        log.info("backbone %s: random initialisation (no pretrained weights; model.weights=none)", name)
+        log_random_init(log, name)
     else:
         state = _imagenet_state_dict(name) if spec.lower() == "imagenet" else read_state_dict(spec)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}

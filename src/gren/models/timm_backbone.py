@@ -48,6 +48,7 @@ from gren.models.weights import (
     convert_efficientnet_pytorch,
     efficientnet_lite0_imagenet_file,
     is_efficientnet_pytorch,
+    log_random_init,
     mismatch_report,
     read_state_dict,
 )
@@ -227,7 +228,7 @@ def build_timm_backbone(name: str, weights: str | os.PathLike | None = "none", o
 
     target = f"timm:{name}"
     if spec.lower() == "none":
-        log.info("backbone %s: random initialisation (no pretrained weights; model.weights=none)", target)
+        log_random_init(log, target)
     elif hub:
         log.info("backbone %s: timm's pretrained weights (%s), RGB stem summed to one channel", target,
                  body.pretrained_cfg.get("hf_hub_id") or body.pretrained_cfg.get("url") or name)

@@ -15,6 +15,8 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -191,3 +193,25 @@ def efficientnet_lite0_imagenet_file() -> Path:
     save_atomic(converted, target)
     log.info("converted the EfficientNet-Lite0 ImageNet weights of %s to timm's layout: %s", source, target)
     return target
+
+
+_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("gren_weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint():
+    """Within this block backbones are built for a trained model whose weights a checkpoint will replace
+    (:func:`gren.methods.load_run`): their random initialisation is not announced as the model's."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def log_random_init(logger, target: str) -> None:
+    """Say plainly that ``target`` starts from random weights (debug level when a checkpoint follows)."""
+    if _WEIGHTS_FROM_CHECKPOINT.get():
+        logger.debug("backbone %s: built for a checkpoint's weights", target)
+    else:
+        logger.info("backbone %s: random initialisation (no pretrained weights; model.weights=none)", target)
