@@ -27,7 +27,8 @@ Readings where the paper is silent or cannot be taken literally (config section 
   of the row, times ``(n - 1) / n``: each row keeps the mass that the paper's initialisation ``1/n`` puts
   off the diagonal, and at initialisation (logits 0) ``G = 1/n`` exactly. The diagonal is left out because
   ``D(F_u, F_u) = 0`` would otherwise soak up the mass and switch the term off. Learning moves each row's
-  mass towards the images nearest in feature space. The logits are ``n x n`` for ``n = train.batch_size``;
+  mass towards the images nearest in feature space (at the published batch of 2 each row has one other
+  image, so ``learned`` and ``fixed`` coincide there). The logits are ``n x n`` for ``n = train.batch_size``;
   a larger batch (tests) uses logit 0, the initial value, beyond that block. ``fixed``: ``G = 1/n``.
 * ``ccg.ik_weights: fixed`` (default): ``G_k(u, v)`` is the mean over the superpixel pairs of the hash
   similarity ``1 - G_l(l, p) / 64`` (``G'_k`` likewise with ``1 - G'_l / C``), no parameters. ``learned``:
