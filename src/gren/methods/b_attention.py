@@ -46,8 +46,10 @@ class MirrorDifferenceAttention(nn.Module):
 
 @register_method("b-attention")
 class BAttention(GridMILMethod):
-    """B + Attention (GREN Table IV): the baseline with a spatial attention from the left/right feature
-    difference weighting the features before the head. See the module docstring for the reading."""
+    """B + Attention (GREN Table IV): baseline with a left/right-difference spatial attention.
+
+    The attention, from the difference between the features and their mirror image, weights the features
+    before the head. See the module docstring for the reading."""
 
     defaults = {"attention": {"hidden": 64}}
 

@@ -34,8 +34,8 @@ Readings where the paper is silent or cannot be taken literally (config section 
   similarity ``1 - G_l(l, p) / 64`` (``G'_k`` likewise with ``1 - G'_l / C``), no parameters. ``learned``:
   ``G_k = sigmoid(W_l(1 - G_l / 64))``, ``W_l`` a linear layer on the ``M x M`` similarity matrix
   (padding slots 0), initialised to 0 (``G_k = 1/2``). The sigmoid keeps ``G_k`` in (0, 1), but the loss
-  still drives it towards 0 -- at the paper's learning rate within roughly a thousand steps the term
-  fades -- which is why ``fixed`` is the default. The similarity ``1 - H / 64`` is the paper's Hamming
+  still drives every ``G_k`` towards 0 (the same drift, bounded: the term fades over training instead of
+  diverging), which is why ``fixed`` is the default. The similarity ``1 - H / 64`` is the paper's Hamming
   graph re-expressed so that padding (0) reads as "no evidence", not as "identical".
 * ``D``: the Euclidean distance of the flattened maps, L2-normalised first (``ccg.distance: unit``,
   default; bounded in [0, 2], as our GREN's); ``raw``: of the maps as they are (the paper's literal
@@ -134,8 +134,10 @@ class PairWeights(nn.Module):
 
 
 class CCGMethod(GridMILMethod):
-    """CCG (Zhao et al. 2021): the grid-MIL base plus the inter-image relation (IR), intra-image knowledge (IK)
-    and, with ``use_kr``, knowledge-reasoning (KR) terms. See the module docstring for the readings.
+    """CCG (Zhao et al. 2021), IR + IK: grid-MIL base plus superpixel-hash graphs over the batch.
+
+    The inter-image relation (IR), intra-image knowledge (IK) and, with ``use_kr``, knowledge-reasoning (KR)
+    terms; see the module docstring for the readings.
 
     Config: ``ccg.w_base, w_ir, w_ik[, w_kr]`` (eq. 11), ``ccg.ir_weights``, ``ccg.ik_weights``,
     ``ccg.distance``; ``train.batch_size`` defaults to 2.
@@ -223,7 +225,7 @@ register_method("ccg")(CCGMethod)
 
 @register_method("ccg-kr")
 class CCGKnowledgeReasoning(CCGMethod):
-    """CCG with the knowledge-reasoning module (IR + IK + KR): cross-image attention ``P = F_u^T W_P F_v``."""
+    """CCG, IR + IK + KR: plus the cross-image attention ``P = F_u^T W_P F_v`` (training only)."""
 
     needs = CCGMethod.needs | {"superpixels"}
     defaults = {"ccg": {"w_kr": 0.25}}  # w4
