@@ -3,7 +3,8 @@
 The grid-MIL base (:class:`~gren.methods.grid_mil.GridMILMethod`, CCG's eq. 1-3) plus graph terms over the
 images of a batch (eq. 11): ``L = w1 L_base + w2 L_IR + w3 L_IK + w4 L_KR``, every ``w = 0.25`` as
 published (so the base loss is a quarter of Li's; ``box`` and ``mil`` are returned already multiplied by
-``w1``), batch size 2 as published (``train.batch_size=4`` is GREN's choice and an option).
+``w1``), batch size 2 as published (``train.batch_size=4`` is GREN's choice and an option). Under DDP the
+graphs are built from each process's own batch.
 
 * ``ccg``: IR + IK, CCG's "Ours" in two of its three settings (0.5_0.8 and 1.0_0.0);
 * ``ccg-kr``: IR + IK + KR, its "Ours" in 1.0_0.4.
