@@ -7,6 +7,9 @@ images, a bright square of class ``lesion_class`` with its box.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -33,8 +36,9 @@ def make_item(index: int, size: int = 64, lesion: bool = True, lesion_class: int
         if annotated:
             boxes = torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32)
             box_labels = torch.tensor([lesion_class])
+    image = image.clamp(-2.0, 2.0).float()  # the normalize_uint8 range
     return {
-        "image": image.clamp(-2.0, 2.0).float(),  # the normalize_uint8 range
+        "image": image,
         "labels": labels,
         "boxes": boxes,
         "box_labels": box_labels,
@@ -43,7 +47,27 @@ def make_item(index: int, size: int = 64, lesion: bool = True, lesion_class: int
         "lung_fallback": torch.tensor(fallback),
         "image_id": f"fake_{index:05d}",
         "index": index,
+        **method_fields(image, lung_masks),
     }
+
+
+@functools.cache
+def _needed_fields() -> tuple:
+    """The registered per-image cache fields that some registered method needs (``gren.core.fields``)."""
+    from gren.core.fields import FIELDS
+    from gren.data.fields import fields_needed_by
+    from gren.methods import METHODS
+
+    return tuple(FIELDS[name] for name in fields_needed_by(sorted(METHODS)))
+
+
+def method_fields(image: torch.Tensor, lung_masks: torch.Tensor) -> dict:
+    """Each method-declared cache field of one item, computed by its own ``compute`` as ``gren prepare`` would
+    (from the film as uint8 ``(S, S)`` and its lung masks), so the fakes provide what every method needs."""
+    pixels = ((image[0] * 0.25 + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()[None]
+    masks = lung_masks.numpy()[None]
+    return {field.name: torch.from_numpy(np.asarray(field.compute(pixels, masks)[0], dtype=field.dtype))
+            for field in _needed_fields()}
 
 
 class FakeLesionDataset(Dataset):

@@ -25,7 +25,7 @@ def test_grid_shapes_parts_and_cells(name):
     assert outputs["logits"].shape == (4, 14, 4, 4)  # 64 px at stride 16
     assert outputs["features"].shape[0] == 4 and outputs["features"].dim() == 4
     parts = method(batch)
-    expected = {"total", "box", "mil"}
+    expected = {"total", "box", "mil"} | set(method.loss_weights())  # a subclass's extra terms have weights
     if isinstance(method, GrenMethod):
         expected |= ({"intra"} if method.use_intra else set()) | ({"inter"} if method.use_inter else set())
     assert set(parts) == expected

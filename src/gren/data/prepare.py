@@ -688,7 +688,7 @@ def _prepare_locked(data_dir: Path, out_dir: Path, size: int, lungs_spec: LungsS
     complete = _bind_output(out_dir, params, force)
     if complete is not None:
         summary = dict(complete["summary"])
-        summary.update(reused=True, chunks_processed=0, chunks_skipped=summary["chunks_total"],
+        summary.update(cache=str(out_dir), reused=True, chunks_processed=0, chunks_skipped=summary["chunks_total"],
                        images_decoded=0, seconds=round(time.perf_counter() - started, 3))
         log.info("%s: cache already complete (%d images); nothing to do", out_dir, summary["n_images"])
         return summary

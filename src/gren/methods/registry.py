@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "gren.methods"
 # Modules of this package that hold shared pieces, not methods (importing them would be harmless).
-_NOT_METHODS = frozenset({"protocol", "registry", "losses", "graph", "grid_mil", "maps"})
+_NOT_METHODS = frozenset({"protocol", "registry", "losses", "graph", "grid_mil", "maps", "superpixels"})
 
 METHODS: dict[str, type[Method]] = {}
 _discovered = False
