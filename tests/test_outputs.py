@@ -273,7 +273,8 @@ def test_predict_never_replaces_files_it_did_not_write_nor_follows_links(world, 
     (out / f"{image.stem}.png").unlink()
     assert main(["predict", str(image), "--run", str(world["run"]), "--out", str(out)]) == 0
     manifest = json.loads((out / OUTPUTS_MANIFEST).read_text())["files"]
-    assert manifest == {f"{image.stem}.json": "gren predict", f"{image.stem}.png": "gren predict"}
+    assert manifest == {f"{image.stem}.json": "gren predict", f"{image.stem}.png": "gren predict",
+                        "regions.csv": "gren predict", "regions.coco.json": "gren predict"}
     assert main(["predict", str(image), "--run", str(world["run"]), "--out", str(out)]) == 0  # its own: replaced
 
     victim = tmp_path / "victim.png"
