@@ -252,3 +252,21 @@ def test_crossval_baseline_gren_cam_on_the_real_nih_sample(nih_dir, tmp_path, mo
         result = summary["results"][method][0]
         assert result["n_images"] > 100 and sum(result["n_boxes"].values()) > 100
         assert result["auc"]["mean"] is not None
+
+
+def test_evaluate_with_the_published_test_time_upsampling_keeps_both_results(tiny, tmp_path):
+    import shutil
+
+    from gren.eval.evaluate import evaluate_run
+
+    data, trained = tiny
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    plain = evaluate_run(run, data=data, progress=False)
+    upsampled = evaluate_run(run, data=data, progress=False, predict_upsample=4)
+    assert plain["predict_upsample"] == 1 and upsampled["predict_upsample"] == 4
+    assert (run / "eval.json").is_file() and (run / "eval-upsample4.json").is_file()
+    assert read_eval(run / "eval.json")["predict_upsample"] == 1  # not replaced
+    assert upsampled["n_boxes"] == plain["n_boxes"]
+    with pytest.raises(Exception, match="predict-upsample"):
+        evaluate_run(run, data=data, progress=False, predict_upsample=0)

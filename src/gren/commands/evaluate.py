@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", metavar="R[,R]",
                         help="box rules: cells (the union of positive cells, always) and wang (a box around each "
                         "connected component, Wang et al. 2017); default: cells plus the method's own")
+    parser.add_argument("--predict-upsample", type=int, default=None, metavar="N",
+                        help="upsample the backbone map xN before the head for this evaluation only (8: the "
+                             "published CIA/CCG/GREN protocol); a factor other than the run's writes "
+                             "eval-upsampleN.json beside eval.json")
     parser.add_argument("--json", action="store_true", help="print eval.json on stdout instead of the table")
 
 
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = evaluate_run(args.run, data=args.data, checkpoint=args.checkpoint, batch_size=args.batch_size,
                           device=args.device, auc_images=args.auc_images, rules=args.rules, progress=not args.json,
-                          subset=args.subset, out=args.out)
+                          subset=args.subset, out=args.out, predict_upsample=args.predict_upsample)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -190,6 +190,7 @@ def evaluate_run(
     rules: str | Sequence[str] | None = None,
     subset: str = "auto",
     out: str | os.PathLike | None = None,
+    predict_upsample: int | None = None,
 ) -> dict:
     """Evaluate a run on its test split, or on data it never saw, and (by default) write the results.
 
@@ -214,6 +215,10 @@ def evaluate_run(
         auc_images: test split only: ``"test"`` (the annotated test images) or ``"heldout"`` (every image of
             the fold not used for training).
         rules: box rules (``"cells,wang"``); default ``cells`` plus the method's ``eval_rules``.
+        predict_upsample: test-time upsampling of the backbone map (``model.predict_upsample``) for this
+            evaluation only, e.g. 8 for the published CIA / CCG / GREN protocol; ``None``: the run's own.
+            A factor other than the run's writes ``eval-upsample<N>.json`` (with ``data``:
+            ``eval-<name>-upsample<N>.json``) unless ``out`` is given, so both settings are kept.
 
     Returns:
         The eval.json dict (also with ``method``, ``fold``, ``protocol``, ``checkpoint``, ``auc_images``,
@@ -289,12 +294,20 @@ def evaluate_run(
                         + (f" ({len(loc_ids)} in {run_dir}/split.csv); is it the data the run was trained on? "
                            "For other data use --subset all" if mode == "test" else "")
                         + "; no evaluation was written")
+    run_upsample = int(config.get("model", {}).get("predict_upsample", 1) or 1)
+    if predict_upsample is not None and (isinstance(predict_upsample, bool) or int(predict_upsample) < 1):
+        raise GrenError(f"--predict-upsample must be a whole number >= 1, got {predict_upsample!r}")
     json_path, md_path = _eval_paths(run_dir, mode, data, out)
+    if predict_upsample is not None and int(predict_upsample) != run_upsample and out is None:
+        stem = json_path.stem + f"-upsample{int(predict_upsample)}"
+        json_path, md_path = json_path.with_name(stem + ".json"), json_path.with_name(stem + ".md")
     if write:
         _check_eval_targets(json_path, md_path)
     method, run_config = load_run(checkpoint_path, map_location="cpu")
     torch_device = pick_device(str(config.get("device", {}).get("device", "auto")) if device == "auto" else device)
     method.to(torch_device)
+    if predict_upsample is not None:
+        method.predict_upsample = int(predict_upsample)
     dataset = CacheDataset(cache, eval_ids)
     log.info("evaluating %s on %d annotated images (%d for AUC) from %s", run_dir, len(loc_ids & present),
              len(eval_ids), cache.path)
@@ -310,6 +323,7 @@ def evaluate_run(
         "auc_images": auc_images if mode == "test" else "all",
         "data": str(cache.path),
         "images": "test split" if mode == "test" else "all annotated",
+        "predict_upsample": int(getattr(method, "predict_upsample", 1)),
     })
     if write:
         result["output"] = str(json_path)
