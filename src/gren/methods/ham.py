@@ -259,14 +259,16 @@ class HAM(Method):
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``features (B, D, h, w)`` -> ``(abnormal logit (B,), class logits (B, K), cam_a (B, h, w), cams (B, K, h, w))``.
 
-        CAMs are ``relu`` of the projection on the detached linear weights (float32).
+        CAMs are ``relu`` of the projection on the detached linear weights. All in float32, outside autocast:
+        the refined maps' steep sigmoid needs more than bf16's 8 bits.
         """
-        features = features.float()
-        pooled = lse_pool(features, self.lse_r)
-        abnormal = self.abnormal_fc(pooled)[:, 0]
-        classes = self.classes_fc(pooled)
-        cam_a = F.relu(class_activation_maps(features, self.abnormal_fc.weight.detach()))[:, 0]
-        cams = F.relu(class_activation_maps(features, self.classes_fc.weight.detach()))
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.float()
+            pooled = lse_pool(features, self.lse_r)
+            abnormal = self.abnormal_fc(pooled)[:, 0]
+            classes = self.classes_fc(pooled)
+            cam_a = F.relu(class_activation_maps(features, self.abnormal_fc.weight.detach()))[:, 0]
+            cams = F.relu(class_activation_maps(features, self.classes_fc.weight.detach()))
         return abnormal, classes, cam_a, cams
 
     # -- training -------------------------------------------------------------------------------------------
@@ -274,6 +276,11 @@ class HAM(Method):
         images = batch["image"]
         labels = batch["labels"].float()
         abnormal_logit, class_logits, cam_a, cams = self.heads(self.features(images))
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self._losses(batch, labels, abnormal_logit, class_logits, cam_a, cams)
+
+    def _losses(self, batch, labels, abnormal_logit, class_logits, cam_a, cams) -> dict[str, torch.Tensor]:
+        images = batch["image"]
         abnormal_label = labels.amax(dim=1)
         terms = {
             "abnormal": F.binary_cross_entropy_with_logits(abnormal_logit, abnormal_label),
