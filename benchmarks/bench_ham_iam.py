@@ -61,7 +61,8 @@ def machine() -> dict:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-    return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "cpus": os.cpu_count(),
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "n/a"
+    return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "cpus": os.cpu_count(), "load_average_1min": load,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
@@ -121,6 +122,24 @@ def prepared(row: str, setting: str, size: int, batch: int):
                     p.add_(torch.randn_like(p) * 1e-3)
     optim_cfg = dict(config["optim"], lr=1e-5)
     return method, build_optimizer(method.param_groups(optim_cfg), optim_cfg)
+
+
+def forward_flops(size: int) -> dict:
+    """Analytic forward FLOPs (``torch.utils.flop_counter``, on the meta device: nothing runs) of one image
+    through the published backbones and heads: baseline ResNet-50 stride 32 + grid head, HAM's ResNet-50
+    stride 8 + attention + head (the CAM projections, a few MFLOPs, left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for name in ("baseline", "ham"):
+        with torch.device("meta"):
+            method = build_method(name, config_for(name, "published", size, 1)).eval()
+        images = torch.zeros(1, 1, size, size, device="meta")
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            method.head(method.backbone(images)) if name == "baseline" else method.features(images)
+        out[name] = counter.get_total_flops()
+    return {"size": size, "baseline_gflops": out["baseline"] / 1e9, "ham_gflops": out["ham"] / 1e9,
+            "ratio": out["ham"] / out["baseline"]}
 
 
 def step(method, optimizer, batch) -> None:
@@ -238,11 +257,13 @@ def main() -> None:
     result["steps_published"] = step_times(big_rows, "published", args.big_size, args.big_batch, max(2, args.repeats // 2))
     result["memory_small"] = peak_memory(small_rows, "small", args.size, args.batch)
     result["memory_published"] = peak_memory(big_rows, "published", args.big_size, args.big_batch)
+    result["flops"] = [forward_flops(size) for size in (args.big_size, 512)]
     result["schedule"] = whole_schedule(args.size, args.batch, args.schedule_epochs, args.schedule_steps)
     times = {r["row"]: r["cpu_s"] for r in result["steps_small"]}
     epochs, rounds = 9, math.ceil(9 / 3)
     predicted = (epochs * times["iam"] + rounds * (times["iam-round1"] + times["iam-round2"])) / (epochs * times["baseline"])
     result["iam_default_schedule_ratio_predicted"] = predicted
+    result["load_average_1min_at_end"] = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "n/a"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ham_iam.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "ham_iam.md").write_text(report(result))
@@ -254,7 +275,9 @@ def report(result: dict) -> str:
     small, big = result["settings"]["small"], result["settings"]["published"]
     lines = ["# HAM and IAM: cost beside the baseline\n",
              f"Machine: {m['cpu']}, flags {' '.join(m['flags'])}, {m['cpus']} CPUs, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}, {m['date']}. Written by `benchmarks/bench_ham_iam.py`; everything below in one run.\n",
+             f"torch {m['torch']}, {m['date']}; load average (1 min, other jobs share the machine) {m['load_average_1min']} at the "
+             f"start, {result.get('load_average_1min_at_end', 'n/a')} at the end. Written by `benchmarks/bench_ham_iam.py`; "
+             "everything below in one run.\n",
              "## Step time on the same batch\n",
              "One training step (the method's forward with all its losses, backward, optimizer step); "
              f"{result['repeats']} interleaved repetitions, medians of process CPU time; 'paired' is the median of "
@@ -271,6 +294,11 @@ def report(result: dict) -> str:
                          f"{row['paired_ratio']:.2f} | {mem.get('peak_rss_mib', float('nan')):.0f} | "
                          f"{mem.get('step_growth_mib', float('nan')):.0f} |")
         lines.append("")
+    lines += ["Analytic forward FLOPs per image (`torch.utils.flop_counter` on the meta device), the published "
+              "backbones: " + "; ".join(f"{f['size']} px: baseline {f['baseline_gflops']:.1f} GFLOPs, ham "
+                                         f"{f['ham_gflops']:.1f} GFLOPs, **{f['ratio']:.1f}x**" for f in result["flops"])
+              + ". The measured CPU ratio is lower at small inputs, where the stride-32 network's late stages run "
+              "on a few cells and the stem and memory-bound layers weigh more.", ""]
     s = result["schedule"]
     ratio = s["iam"]["epoch_time_s"] / s["baseline"]["epoch_time_s"]
     lines += ["## IAM's whole schedule\n",

@@ -51,8 +51,8 @@ Test: ``Localization(maps=refined (B, 14, S, S), scores=sigmoid(class logits), t
 ``refined >= 0.999`` means a normalised CAM above 0.469; ``evidence`` = the class logits (AUC ranking).
 ``model.predict_upsample = f`` draws the refined map at ``f S x f S``. Grad-CAM of this head is
 proportional to its CAM, so no backward pass is needed at test. The paper's "mining" step does not appear
-in the authors' code and is not implemented. Cost: about 9x the baseline per step at output stride 8
-(benchmarks/results/ham_iam.md).
+in the authors' code and is not implemented. Cost: 9.3x the baseline's forward FLOPs at output stride 8
+(counted at any input size); the measured CPU step ratio is lower at small inputs (benchmarks/results/ham_iam.md).
 """
 
 from __future__ import annotations
