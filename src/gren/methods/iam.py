@@ -31,8 +31,8 @@ State: the snapshots are frozen sub-modules (their weights in the checkpoint), t
 ``extra_state()["rounds_done"]``, so a resume inside any round continues with the same snapshots and a
 restored run fuses the same rounds. Cost per training step of round t: one frozen forward per snapshot
 plus a student step on twice the batch, about ``(t + 6) / 3`` baseline steps (measured 2.3x and 2.6x for
-rounds 1 and 2, round 0 1.15x); with the default epochs (9, 3, 3) the whole schedule comes to about 2.8x the
-baseline's 9 epochs, within (rounds + 1) = 3x (benchmarks/results/ham_iam.md).
+rounds 1 and 2, round 0 1.15x, in a quiet run); with the default epochs (9, 3, 3) the whole schedule comes
+to about 2.8-2.9x the baseline's 9 epochs, within (rounds + 1) = 3x (benchmarks/results/ham_iam.md).
 Backbones: the torchvision ResNets (the three levels are read from ``layer2..layer4``).
 """
 
