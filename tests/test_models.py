@@ -53,7 +53,7 @@ def test_bad_weights_are_clear_errors(tmp_path):
     with pytest.raises(GrenError, match="unknown backbone"):
         build_backbone("vgg16")
     with pytest.raises(GrenError, match="output_stride"):
-        build_backbone("resnet18", "none", 8)
+        build_backbone("resnet18", "none", 4)
 
 
 def test_imagenet_offline_is_a_clear_error(monkeypatch):

@@ -29,7 +29,9 @@ Weights (config ``model.weights``), ResNets:
 ``output_stride`` 32 is the paper's cut (512 px -> 16 x 16 cells). 16 keeps a useful grid at small
 CPU sizes (128 px -> 8 x 8): ``layer4`` runs at stride 1, dilated (rate 2) for Bottleneck ResNets
 (torchvision's ``replace_stride_with_dilation``) and undilated for BasicBlock ResNets
-(torchvision's BasicBlock does not support dilation). timm backbones also take 8 where the model
+(torchvision's BasicBlock does not support dilation). 8 (HAM's cut, 512 px -> 64 x 64) runs ``layer3``
+and ``layer4`` at stride 1 the same way (dilation 2 and 4 for Bottleneck ResNets,
+``replace_stride_with_dilation=[False, True, True]``). timm backbones also take 8 where the model
 dilates.
 """
 
@@ -64,7 +66,7 @@ TIMM_PREFIX = "timm:"
 class ResNetBackbone(nn.Module):
     """A ResNet trunk: ``(B, 1, S, S)`` images -> ``(B, out_channels, S / stride, S / stride)`` features.
 
-    Attributes: ``out_channels`` (C), ``stride`` (input pixels per feature cell, 32 or 16),
+    Attributes: ``out_channels`` (C), ``stride`` (input pixels per feature cell, 32, 16 or 8),
     ``input_normalization`` (applied first in :meth:`forward`; identity by default).
     """
 
@@ -116,7 +118,8 @@ def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "
     Args:
         name: ``resnet18``, ``resnet34``, ``resnet50`` or ``timm:NAME``.
         weights: ``none`` / ``None`` (random init), ``imagenet``, or a path to a state_dict file.
-        output_stride: 32 (the paper) or 16 (``layer4`` at stride 1); timm models also 8 where they dilate.
+        output_stride: 32 (the paper), 16 (``layer4`` at stride 1) or 8 (``layer3`` and ``layer4`` at stride 1;
+            HAM's cut); timm models take 8 where they dilate.
         normalization: ``model.normalization``: ``auto`` (the backbone's own: ``gren`` for the ResNets,
             ``timm`` for timm models), ``gren``, ``imagenet``, ``timm`` or ``xrv``
             (:mod:`gren.models.normalization`).
@@ -130,15 +133,18 @@ def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "
         return build_timm_backbone(str(name)[len(TIMM_PREFIX):], weights, output_stride, normalization)
     if name not in _RESNETS:
         raise GrenError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:NAME")
-    if output_stride not in (16, 32):
-        raise GrenError(f"model.output_stride must be 32 or 16 for {name}, got {output_stride!r}")
+    if output_stride not in (8, 16, 32):
+        raise GrenError(f"model.output_stride must be 32, 16 or 8 for {name}, got {output_stride!r}")
     norm = named_normalization(normalization, GREN)
     factory, _, channels = _RESNETS[name]
-    dilate = output_stride == 16 and name == "resnet50"
-    resnet = factory(weights=None, replace_stride_with_dilation=[False, False, dilate])
+    bottleneck = name == "resnet50"
+    dilate = [False, output_stride == 8, output_stride <= 16]
+    resnet = factory(weights=None, replace_stride_with_dilation=dilate if bottleneck else [False, False, False])
     resnet.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    if output_stride == 16 and not dilate:
-        _undo_layer4_stride(resnet)
+    if not bottleneck:
+        for layer, undo in zip((resnet.layer3, resnet.layer4), dilate[1:]):
+            if undo:
+                _undo_first_stride(layer)
 
     spec = "none" if weights is None else str(weights)
     if spec.lower() == "none":
@@ -162,9 +168,9 @@ def build_backbone(name: str = "resnet50", weights: str | os.PathLike | None = "
     return ResNetBackbone(resnet, channels, output_stride, norm)
 
 
-def _undo_layer4_stride(resnet: torchvision.models.ResNet) -> None:
-    """Make ``layer4`` of a BasicBlock ResNet keep its input resolution (stride 1, no dilation)."""
-    block = resnet.layer4[0]
+def _undo_first_stride(layer: nn.Sequential) -> None:
+    """Make a BasicBlock ResNet stage (``layer3``, ``layer4``) keep its input resolution (stride 1, no dilation)."""
+    block = layer[0]
     block.conv1.stride = (1, 1)
     if block.downsample is not None:
         block.downsample[0].stride = (1, 1)
