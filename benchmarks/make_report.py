@@ -42,6 +42,7 @@ SECTIONS = [
     ("prepare", "bench_prepare.py", "`gren prepare`: cached loading vs on-the-fly decoding"),
     ("train_step", "bench_train_step.py", "Training step: baseline vs GREN variants"),
     ("method_steps", "bench_method_steps.py", "Training step of the peer methods (CCG, B+Attention) vs the baseline"),
+    ("ham_iam", "bench_ham_iam.py", "HAM and iterative attention mining: step cost, memory, IAM's total cost"),
     ("eval", "bench_eval.py", "Evaluation speed"),
     ("demo", "bench_demo.py", "`gren demo` end to end"),
     ("protocol_port", "compare_eval.py /tmp/demo-orig /tmp/demo-new",
