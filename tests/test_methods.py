@@ -218,3 +218,18 @@ def test_loading_a_trained_run_does_not_announce_random_initialisation(tmp_path,
     with caplog.at_level(logging.INFO, logger="gren"):
         build("baseline")
     assert "random initialisation" in caplog.text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_training_step_under_bf16_autocast(name):
+    """The GPU path's bf16 autocast, run on the CPU (torch supports it there): finite losses and gradients."""
+    method = build(name)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        parts = method(fake_batch())
+    assert all(torch.isfinite(v.float()) for v in parts.values())
+    parts["total"].float().backward()
+    grads = [p.grad for p in method.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loc = method.predict(fake_batch(2)["image"])
+    assert torch.isfinite(loc.maps.float()).all() and torch.isfinite(loc.scores.float()).all()
