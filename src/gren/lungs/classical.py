@@ -38,6 +38,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from gren.lungs.binary import largest_component, otsu_threshold
+from gren.lungs.quality import check_mask
+
 log = logging.getLogger(__name__)
 
 # Per-lung outline: rows (y, x_left, x_right) as fractions of the frame (0 = top/left, 1 = bottom/right).
@@ -113,18 +116,6 @@ def render_outline(label: int, size: int, scale_x: float = 1.0, scale_y: float =
     return inside_rows[:, None] & (centres[None, :] >= left[:, None]) & (centres[None, :] < right[:, None])
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
-    """Otsu's threshold of values in [0, 1]."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    return float(centres[np.argmax(w0 * w1 * (mu0 - mu1) ** 2)])
-
-
 def resize_float(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a float32 (H, W) array."""
     return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
@@ -135,15 +126,6 @@ def resize_labels(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     if mask.shape == (height, width):
         return mask
     return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a bool mask, holes filled."""
-    labelled, count = ndi.label(mask, structure=np.ones((3, 3), bool))
-    if count > 1:
-        sizes = ndi.sum(mask, labelled, index=np.arange(1, count + 1))
-        mask = labelled == (1 + int(np.argmax(sizes)))
-    return ndi.binary_fill_holes(mask)
 
 
 @dataclass
@@ -324,7 +306,6 @@ class ClassicalSegmenter:
         work_mask = np.zeros((size, size), np.uint8)
         work_mask[y0:y1, x0:x1] = frame_mask
 
-        from gren.lungs.quality import check_mask  # quality imports this module's helpers
 
         problem = self._check(work_mask, fits) or (check_mask(image, work_mask) if self.check else "")
         info["problem"] = problem

@@ -39,7 +39,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from gren.lungs.classical import largest_component, otsu_threshold
+from gren.lungs.binary import largest_component, otsu_threshold
 
 FLAG_PREFIX = "flag: "
 WORK_SIZE = 128

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from gren.core.atomic import atomic_path
 from gren.core.errors import GrenError
-from gren.lungs.classical import largest_component, prior_mask
+from gren.lungs.binary import largest_component
+from gren.lungs.classical import prior_mask
 from gren.lungs.quality import check_mask
 
 log = logging.getLogger(__name__)
