@@ -45,6 +45,7 @@ from gren.data.dataset import collate
 from gren.methods import TrainContext, build_method
 from gren.train.config import resolve_config
 from gren.train.engine import TrainingData, build_optimizer, fit
+from synthetic_items import make_item
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -65,25 +66,6 @@ def machine() -> dict:
     return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "cpus": os.cpu_count(), "load_average_1min": load,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-
-def make_item(i: int, size: int, g: torch.Generator) -> dict:
-    """An item like CacheDataset's: two lungs, a bright lesion of class Effusion, its box on even items."""
-    image = (torch.randn(1, size, size, generator=g) * 0.3).clamp(-2, 2)
-    masks = torch.zeros(size, size, dtype=torch.uint8)
-    masks[size // 8: size - size // 8, size // 8: size // 2 - 2] = 1
-    masks[size // 8: size - size // 8, size // 2 + 2: size - size // 8] = 2
-    side = size // 6
-    x0, y0 = (int(torch.randint(0, size - side, (1,), generator=g)) for _ in range(2))
-    image[:, y0:y0 + side, x0:x0 + side] += 1.0
-    labels = torch.zeros(14)
-    labels[2] = 1
-    annotated = i % 2 == 0
-    return {"image": image, "labels": labels,
-            "boxes": torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32) if annotated else torch.zeros(0, 4),
-            "box_labels": torch.tensor([2]) if annotated else torch.zeros(0, dtype=torch.int64),
-            "lung_masks": masks, "lung_hashes": torch.rand(2, 64, generator=g) > 0.5,
-            "lung_fallback": torch.tensor(False), "image_id": f"bench_{i}", "index": i}
 
 
 class Items(Dataset):

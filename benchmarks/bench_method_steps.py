@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from bench_phash import machine
-from gren.data.dataset import collate
 from gren.methods import build_method
 from gren.methods.superpixels import compute_superpixel_hashes, compute_superpixels
 from gren.train.config import resolve_config
+from synthetic_items import synthetic_batch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -42,39 +42,10 @@ METHODS = ("baseline", "ccg", "ccg-kr", "b-attention")
 log = logging.getLogger("bench_method_steps")
 
 
-def make_batch(batch: int, size: int, seed: int = 0) -> dict:
-    """Item dicts like CacheDataset's (two lungs, a lesion with its box on every other film, superpixel fields)."""
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(batch):
-        image = (torch.randn(1, size, size, generator=g) * 0.3).clamp(-2, 2)
-        masks = torch.zeros(size, size, dtype=torch.uint8)
-        masks[size // 8: size - size // 8, size // 8: size // 2 - 4] = 1
-        masks[size // 8: size - size // 8, size // 2 + 4: size - size // 8] = 2
-        side = size // 6
-        x0, y0 = (int(torch.randint(0, size - side, (1,), generator=g)) for _ in range(2))
-        image[:, y0:y0 + side, x0:x0 + side] += 1.0
-        labels = torch.zeros(14)
-        labels[2] = 1
-        annotated = i % 2 == 0
-        pixels = ((image[0] * 0.25 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).numpy()[None]
-        items.append({
-            "image": image, "labels": labels,
-            "boxes": torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32) if annotated
-            else torch.zeros(0, 4),
-            "box_labels": torch.tensor([2]) if annotated else torch.zeros(0, dtype=torch.int64),
-            "lung_masks": masks, "lung_hashes": torch.rand(2, 64, generator=g) > 0.5,
-            "lung_fallback": torch.tensor(False), "image_id": f"bench_{i}", "index": i,
-            "superpixels": torch.from_numpy(compute_superpixels(pixels, None)[0]),
-            "superpixel_hashes": torch.from_numpy(compute_superpixel_hashes(pixels, None)[0]),
-        })
-    return collate(items)
-
-
 def step_costs(args) -> dict:
     overrides = [f"data.size={args.size}", f"train.batch_size={args.batch}", f"model.backbone={args.backbone}",
                  "model.output_stride=16", "model.weights=none", "device.device=cpu"]
-    batch = make_batch(args.batch, args.size)
+    batch = synthetic_batch(args.batch, args.size, fields=("superpixels", "superpixel_hashes"))
     models, optimizers = {}, {}
     for name in METHODS:
         torch.manual_seed(0)

@@ -32,39 +32,14 @@ from pathlib import Path
 
 import torch
 
-from gren.data.dataset import collate
 from gren.methods import build_method
 from gren.train.config import resolve_config
+from synthetic_items import synthetic_batch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("baseline", "gren", "gren-intra", "gren-inter", "gren-cosine")
 log = logging.getLogger("bench_train_step")
-
-
-def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict:
-    """A batch of item dicts like CacheDataset's: two lungs, a bright lesion with its box on half the images."""
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(batch):
-        image = (torch.randn(1, size, size, generator=g) * 0.3).clamp(-2, 2)
-        masks = torch.zeros(size, size, dtype=torch.uint8)
-        masks[size // 8: size - size // 8, size // 8: size // 2 - 4] = 1
-        masks[size // 8: size - size // 8, size // 2 + 4: size - size // 8] = 2
-        side = size // 6
-        x0, y0 = int(torch.randint(0, size - side, (1,), generator=g)), int(torch.randint(0, size - side, (1,), generator=g))
-        image[:, y0:y0 + side, x0:x0 + side] += 1.0
-        labels = torch.zeros(14)
-        labels[2] = 1
-        annotated = i % 2 == 0
-        items.append({
-            "image": image, "labels": labels,
-            "boxes": torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32) if annotated else torch.zeros(0, 4),
-            "box_labels": torch.tensor([2]) if annotated else torch.zeros(0, dtype=torch.int64),
-            "lung_masks": masks, "lung_hashes": torch.rand(2, 64, generator=g) > 0.5,
-            "lung_fallback": torch.tensor(False), "image_id": f"bench_{i}", "index": i,
-        })
-    return collate(items)
 
 
 def _step(method, optimizer, batch, images, amp: bool = False, device_type: str = "cpu") -> None:
