@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ from gren.core.paths import shared_data_dir
 from gren.models.backbone import build_backbone
 from gren.models.grid import GridHead
 from gren.models.tv import import_timm
+from machine_info import cpu_flags, cpu_model, load_average
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -47,16 +47,8 @@ log = logging.getLogger("bench_backbones")
 
 def machine() -> dict:
     """CPU model, instruction-set flags that matter to PyTorch's CPU kernels, core and thread counts."""
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+    model, flags, load = cpu_model(), cpu_flags(), load_average()
     timm = import_timm()
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "n/a"
     return {"cpu": model, "load_average_1min": load, "flags": [f for f in FLAGS if f in flags], "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

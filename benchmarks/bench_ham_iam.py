@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from gren.data.dataset import collate
 from gren.methods import TrainContext, build_method
 from gren.train.config import resolve_config
 from gren.train.engine import TrainingData, build_optimizer, fit
+from machine_info import cpu_flags, cpu_model, load_average
 from synthetic_items import make_item
 
 HERE = Path(__file__).resolve().parent
@@ -54,15 +54,7 @@ log = logging.getLogger("bench_ham_iam")
 
 
 def machine() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "n/a"
+    model, flags, load = cpu_model(), cpu_flags(), load_average()
     return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "cpus": os.cpu_count(), "load_average_1min": load,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

@@ -25,7 +25,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from gren.lungs.folder import find_samples, load_pairs, read_gray
 from gren.lungs.segment import load_segmenter, segment_with_reasons
 from gren.lungs.tools import fold_split, pick_evenly
 from gren.lungs.unet import UNetSegmenter, train_unet
+from machine_info import cpu_model, vector_flags
 
 log = logging.getLogger("bench_lungs")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,17 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> str:
     """CPU model with its vector instruction-set flags (/proc/cpuinfo), cores, torch version and threads."""
-    name, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))]
-                break
-    except OSError:
-        pass
-    return f"{name} [{' '.join(flags)}], {os.cpu_count()} CPUs, torch {torch.__version__}, " \
+    return f"{cpu_model()} [{' '.join(vector_flags())}], {os.cpu_count()} CPUs, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} torch threads"
 
 

@@ -48,10 +48,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import gren.hashing as hashing
-from bench_prepare import cpu_model
+import machine_info
 from gren.core.paths import shared_data_dir
 from gren.hashing import CPU_PATHS, PHASH_PATH_ENV, TIE_MARGIN, calibrate, phash, to_hex
 from gren.lungs.regions import lung_hashes
+from machine_info import cpu_model
 
 log = logging.getLogger("bench_phash")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,15 +63,8 @@ ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABIL
 
 def cpu_flags() -> dict[str, bool]:
     """Presence of the instruction-set flags that decide which path wins (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return {flag: flag in present for flag in FLAGS}
-    return {}
+    present = machine_info.cpu_flags()
+    return {flag: flag in present for flag in FLAGS} if present else {}
 
 
 def machine() -> tuple[str, dict]:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import machine_info
 from gren.core.imageio import read_gray_resized
 from gren.core.paths import shared_data_dir
 from gren.data.cache import CacheDataset, PreparedCache
@@ -46,13 +47,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU's model name (:func:`machine_info.cpu_model`)."""
+    return machine_info.cpu_model()
 
 
 def subset_folder(data_dir: Path, limit: int, into: Path) -> Path:

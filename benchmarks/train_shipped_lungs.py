@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import machine_info
 from gren.core.paths import shared_data_dir
 from gren.data.synth import synthesize
 from gren.lungs.classical import ClassicalSegmenter
@@ -58,17 +59,7 @@ SHIPPED = ROOT / "src" / "gren" / "lungs" / "weights" / "lungs-unet.pt"
 
 def cpu_model() -> str:
     """CPU model name and its vector instruction-set flags (from /proc/cpuinfo)."""
-    name, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma"))]
-                break
-    except OSError:
-        pass
-    return f"{name} [{' '.join(flags) or 'no avx flags'}]"
+    return f"{machine_info.cpu_model()} [{' '.join(machine_info.vector_flags()) or 'no avx flags'}]"
 
 
 def recipe_of(args: argparse.Namespace) -> dict:
