@@ -42,10 +42,6 @@ def _writable(folder: Path) -> bool:
     return os.access(target, os.W_OK | os.X_OK)
 
 
-def user_cache_root() -> Path:
-    """:func:`gren.core.paths.user_cache_dir`: where caches of read-only folders go."""
-    return user_cache_dir()
-
 
 def default_cache_dir(data_dir: str | os.PathLike, size: int, lungs: str) -> Path:
     """Where :func:`open_prepared` puts the cache of the raw folder ``data_dir`` (nothing is created
@@ -55,7 +51,7 @@ def default_cache_dir(data_dir: str | os.PathLike, size: int, lungs: str) -> Pat
     if _writable(data_dir):
         return data_dir / CACHE_SUBDIR / name
     digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]
-    return user_cache_root() / digest / name
+    return user_cache_dir() / digest / name
 
 
 def open_prepared(path: str | os.PathLike, size: int | None = 256, lungs: str = "auto",
@@ -106,7 +102,7 @@ def _cached_failures(data_dir: Path) -> tuple[set[str], Path] | None:
     from gren.data.prepare import source_stamp
 
     roots = [data_dir / CACHE_SUBDIR,
-             user_cache_root() / hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]]
+             user_cache_dir() / hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]]
     candidates = [p for root in roots if root.is_dir() for p in sorted(root.iterdir()) if p.is_dir()]
     complete = []
     for candidate in candidates:

@@ -125,10 +125,6 @@ def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None) -> Pa
                     f"(available: {', '.join(available) or 'none'})")
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """:func:`gren.core.device.select_device` (kept under this name for callers of the evaluator)."""
-    return select_device(name)
-
 
 def method_predictor(method, device: torch.device) -> PredictFn:
     """``batch -> Localization`` with ``method.predict`` on ``device`` (returned on the CPU)."""
@@ -304,7 +300,7 @@ def evaluate_run(
     if write:
         _check_eval_targets(json_path, md_path)
     method, run_config = load_run(checkpoint_path, map_location="cpu")
-    torch_device = pick_device(str(config.get("device", {}).get("device", "auto")) if device == "auto" else device)
+    torch_device = select_device(str(config.get("device", {}).get("device", "auto")) if device == "auto" else device)
     method.to(torch_device)
     if predict_upsample is not None:
         method.predict_upsample = int(predict_upsample)

@@ -376,11 +376,11 @@ class Predictor:
     ``predictor(grays) -> (maps (B, K, h, w), probs (B, K), thresholds (B, K))``."""
 
     def __init__(self, source: str | os.PathLike, device: str = "auto"):
-        from gren.eval.evaluate import pick_device
+        from gren.core.device import select_device
         from gren.methods import load_run
 
         self.method, self.config = load_run(source, map_location="cpu")
-        self.device = pick_device(device)
+        self.device = select_device(device)
         self.method.to(self.device)
         self.size = int(self.config["data"]["size"])
         self.name = str(self.config.get("method", "?"))

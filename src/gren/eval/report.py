@@ -280,8 +280,9 @@ def make_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike, data:
     ``data`` overrides the dataset recorded in the first run's config (needed when the config does
     not record it). Runs without checkpoints contribute curves only.
     """
+    from gren.core.device import select_device
     from gren.data.dataset import normalize_uint8
-    from gren.eval.evaluate import open_run_data, pick_device, read_run_config, read_split
+    from gren.eval.evaluate import open_run_data, read_run_config, read_split
     from gren.methods import load_run
 
     run_dirs = [Path(r) for r in runs]
@@ -314,7 +315,7 @@ def make_report(runs: Sequence[str | os.PathLike], out: str | os.PathLike, data:
                                         [short_labels(row) for row in label_rows], out / "hash_similarity.png"))
 
     images = np.stack([np.asarray(cache.images[r]) for r in rows])
-    torch_device = pick_device(device)
+    torch_device = select_device(device)
     maps_per_run: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for run_dir in run_dirs:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
